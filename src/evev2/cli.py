@@ -1,0 +1,119 @@
+"""The `evev2` command line: a table of typed functions.
+
+Every subcommand is a plain Python function whose signature is its flag set and whose docstring is its help.
+Positional parameters (no default) become positional arguments; the others become `--flags`. A function may take a
+trailing `overrides: list[str]` to accept free `key=value` arguments. Modules are imported only when their command runs,
+so `evev2 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+# command words -> ("module:function", one-line help). Keep sorted by command.
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("convert", "llm"): ("evev2.model.convert:convert_llm_cli", "Qwen2-family LLM folder -> EVEv2 model folder"),
+    ("convert", "official"): ("evev2.model.convert:convert_official_cli", "official EVEv2 checkpoint <-> ours"),
+}
+
+
+def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its summary and its `Args:` entries."""
+    doc = inspect.getdoc(fn) or ""
+    summary, _, rest = doc.partition("\nArgs:\n")
+    params: dict[str, str] = {}
+    current = None
+    for line in rest.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if line.startswith("    ") and not line.startswith("        ") and ":" in stripped:
+            current, _, text = stripped.partition(":")
+            params[current.strip()] = text.strip()
+        elif current:
+            params[current] += " " + stripped
+    return summary.strip(), params
+
+
+def _add_function(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    summary, param_help = _doc_parts(fn)
+    parser.description = summary
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        kind = hints.get(name, str)
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":  # Optional[X] / X | None
+            kind = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(kind), typing.get_args(kind)
+        help_text = param_help.get(name, "")
+        flag = "--" + name.replace("_", "-")
+        if name == "overrides":
+            parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=help_text or "config overrides")
+            continue
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=param.default,
+                                help=help_text)
+            continue
+        is_list = origin in (list, tuple)
+        elem = args[0] if is_list and args else kind
+        elem = Path if elem is Path else elem
+        typ = elem if elem in (int, float, Path) else str
+        choices = list(typing.get_args(elem)) if typing.get_origin(elem) is typing.Literal else None
+        common: dict[str, Any] = {"type": typ if choices is None else type(choices[0]), "help": help_text}
+        if choices:
+            common["choices"] = choices
+        if is_list:
+            common["nargs"] = "+"
+        if param.default is inspect.Parameter.empty:
+            parser.add_argument(name, **common)
+        else:
+            parser.add_argument(flag, dest=name, default=param.default, **common)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evev2", description="Encoder-free vision-language models (EVEv2.0).")
+    tree: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command", required=True)}
+    groups: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for words, (target, help_text) in sorted(COMMANDS.items()):
+        for depth in range(1, len(words)):
+            prefix = words[:depth]
+            if prefix not in groups:
+                groups[prefix] = tree[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
+                tree[prefix] = groups[prefix].add_subparsers(dest="_".join(prefix), required=True)
+        sub = tree[words[:-1]].add_parser(words[-1], help=help_text)
+        sub.set_defaults(_target=target)
+    return parser
+
+
+def _resolve(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Find the subcommand the words name, then attach its typed flags before the full parse.
+    words = tuple(a for a in argv if not a.startswith("-"))
+    for n in range(len(words), 0, -1):
+        if words[:n] in COMMANDS:
+            target = COMMANDS[words[:n]][0]
+            sub = parser
+            for w in words[:n]:
+                sub = next(a for a in sub._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices[w]
+            _add_function(sub, _resolve(target))
+            break
+    ns = vars(parser.parse_args(argv))
+    fn = _resolve(ns.pop("_target"))
+    kwargs = {k: v for k, v in ns.items() if k in inspect.signature(fn).parameters}
+    return fn(**kwargs)
+
+
+if __name__ == "__main__":
+    main()
