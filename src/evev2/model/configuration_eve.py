@@ -1,0 +1,61 @@
+"""EVEv2 configuration: a Qwen2 config plus the patch-embedding and modality-routing fields."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import Qwen2Config
+
+#: Modules that may get a vision copy. EVEv1.0 = (), EVEv1.5 = ("mlp",), EVEv2.0 = all three.
+ROUTABLE_MODULES = ("norm", "attn", "mlp")
+VARIANTS: dict[str, tuple[str, ...]] = {"v1.0": (), "v1.5": ("mlp",), "v2.0": ROUTABLE_MODULES}
+
+
+@strict
+class EVEConfig(Qwen2Config):
+    r"""
+    Configuration of an EVEv2 model. Every Qwen2 field keeps its meaning; the new fields are:
+
+    patch_size (`int`, defaults to 16): kernel and stride of the first patch-embedding conv (pixels).
+    patch_merge (`int`, defaults to 2): kernel and stride of the second conv; one token covers
+        `patch_size * patch_merge` pixels square (32 by default).
+    patch_hidden_size (`int`, defaults to 1024): channels between the two convs.
+    image_token_index (`int`, defaults to -200): the placeholder id that stands for one whole image in `input_ids`
+        (the official value; it is never a vocabulary row).
+    modality_split (`list[str]`): which modules get a vision copy, any subset of `("norm", "attn", "mlp")`.
+        `[]` is EVEv1.0 (all shared), `["mlp"]` EVEv1.5, all three EVEv2.0 (the default).
+    attention_bias (`bool`, defaults to True): bias on q/k/v, as in Qwen2.
+    routing (`str`, defaults to "index"): "index" runs each token through exactly one copy; "blend" is the official
+        formulation (both copies on every token, mixed by a float mask), kept as a numerical oracle and benchmark baseline.
+    """
+
+    model_type = "evev2"
+
+    patch_size: int = 16
+    patch_merge: int = 2
+    patch_hidden_size: int = 1024
+    image_token_index: int = -200
+    modality_split: list[str] | tuple[str, ...] = ROUTABLE_MODULES
+    attention_bias: bool = True
+    routing: str = "index"
+
+    def __post_init__(self, **kwargs):
+        unknown = set(self.modality_split) - set(ROUTABLE_MODULES)
+        if unknown:
+            raise ValueError(f"modality_split has unknown modules {sorted(unknown)}; allowed: {ROUTABLE_MODULES}")
+        # Canonical order, so that configs compare and serialise the same whatever order the user wrote.
+        self.modality_split = [m for m in ROUTABLE_MODULES if m in self.modality_split]
+        if self.routing not in ("index", "blend"):
+            raise ValueError(f"routing must be 'index' or 'blend', got {self.routing!r}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def image_pixels_per_token(self) -> int:
+        """Side length in pixels covered by one image token (32 for 16x2)."""
+        return self.patch_size * self.patch_merge
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Tokens one image of this size becomes: a class token, then each grid row followed by a split token."""
+        step = self.image_pixels_per_token
+        if height % step or width % step:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {step}")
+        return 1 + (height // step) * (width // step + 1)

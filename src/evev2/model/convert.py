@@ -1,0 +1,246 @@
+"""Checkpoint conversion, streamed tensor by tensor so that a 7B model never has to fit in memory twice.
+
+* `convert_llm`: an HF Qwen2/Qwen2.5 folder -> an EVEv2 folder: a fresh patch embedding, and every vision copy an exact
+  clone of its text twin (the paper's initialisation), so that stage 1 starts from the unchanged LLM.
+* `convert_official`: the official EVEv2 format (`model_type` "eve-qwen2", `moe_*` keys, `model.vision_tower.*`) <-> ours.
+  One key table serves both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evev2.model.configuration_eve import VARIANTS, EVEConfig
+from evev2.model.patch_embed import EVEPatchEmbedding
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Keys of a text module -> the key of its vision copy, per `modality_split` entry.
+_VISION_COPY = {
+    "attn": (re.compile(r"(\.self_attn\.)([qkvo]_proj\.)"), r"\1vision_\2"),
+    "mlp": (re.compile(r"(\.layers\.\d+\.)(mlp\.)"), r"\1vision_\2"),
+    "norm": (re.compile(r"(\.layers\.\d+\.)((?:input|post_attention)_layernorm\.)"), r"\1vision_\2"),
+}
+# Official key pattern <-> our key pattern (the text weights keep stock Qwen2 names in both).
+_OFFICIAL_KEYS = [
+    (r"model.vision_tower.patch_embedding.0.", r"model.patch_embed.conv1."),
+    (r"model.vision_tower.patch_embedding.2.", r"model.patch_embed.conv2."),
+    (r"model.vision_tower.class_embedding", r"model.patch_embed.class_embedding"),
+    (r"model.vision_tower.split_embedding", r"model.patch_embed.split_embedding"),
+    (r".moe_", r".vision_"),
+]
+_OFFICIAL_PARTS = {"layernorm": "norm", "self_attn": "attn", "mlp": "mlp"}
+_WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin(\.index\.json)?|config\.json)$")
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from a folder's safetensors, sharded or not, loading one tensor at a time."""
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder} (PyTorch .bin files are not loaded: they unpickle)")
+    for name in files:
+        with safe_open(folder / name, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+class ShardWriter:
+    """Writes tensors into `model-XXXXX-of-YYYYY.safetensors` shards of at most `max_shard_bytes`, plus the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 2**30):
+        self.folder, self.max_bytes = Path(folder), max_shard_bytes
+        self.shards: list[dict[str, torch.Tensor]] = [{}]
+        self.sizes = [0]
+        self.written: list[str] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.sizes[-1] and self.sizes[-1] + nbytes > self.max_bytes:
+            self._flush()
+        self.shards[-1][key] = tensor.contiguous()
+        self.sizes[-1] += nbytes
+
+    def _flush(self) -> None:
+        name = f"part-{len(self.written):05d}.safetensors"
+        save_file(self.shards[-1], str(self.folder / name), metadata={"format": "pt"})
+        self.written.append(name)
+        self.shards[-1], self.sizes[-1] = {}, 0  # free the tensors of the written shard
+
+    def close(self) -> None:
+        """Flush, then rename shards to the HF naming (the total is only known now) and write the index if sharded."""
+        if self.shards[-1] or not self.written:
+            self._flush()
+        n = len(self.written)
+        weight_map: dict[str, str] = {}
+        for i, tmp in enumerate(self.written):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp, self.folder / final)
+            with safe_open(self.folder / final, framework="pt") as f:
+                weight_map.update({k: final for k in f.keys()})
+        if n > 1:
+            total = sum((self.folder / f).stat().st_size for f in set(weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+class _AtomicFolder:
+    """Build a folder under a temporary name beside `dst` and rename it into place only when complete."""
+
+    def __init__(self, dst: Path, overwrite: bool):
+        self.dst = Path(dst)
+        if self.dst.exists() and not overwrite:
+            raise FileExistsError(f"{self.dst} exists; pass overwrite=True (--overwrite) to replace it")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.", dir=self.dst.parent))
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dst.exists():
+            shutil.rmtree(self.dst)
+        os.replace(self.tmp, self.dst)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer, generation config and other non-weight files."""
+    for p in Path(src).iterdir():
+        if p.is_file() and not _WEIGHT_FILES.match(p.name):
+            shutil.copy2(p, dst / p.name)
+
+
+def _fresh_patch_embedding(config: EVEConfig, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    module = EVEPatchEmbedding(config)  # constructed with the official initialisation
+    return {f"model.patch_embed.{k}": v.to(dtype) for k, v in module.state_dict().items()}
+
+
+def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_hidden_size: int = 1024,
+                seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> EVEConfig:
+    """Turn a local HF Qwen2-family folder into an EVEv2 folder (see module docstring)."""
+    src = Path(src)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    llm = json.loads((src / "config.json").read_text())
+    if llm.get("model_type") not in ("qwen2", "evev2"):
+        raise ValueError(f"{src} has model_type {llm.get('model_type')!r}; convert llm expects a Qwen2-family LLM")
+    fields = {k: v for k, v in llm.items() if k not in ("model_type", "architectures", "transformers_version",
+                                                      "auto_map", "dtype", "torch_dtype")}
+    config = EVEConfig(**fields, patch_hidden_size=patch_hidden_size, modality_split=list(VARIANTS[variant]))
+    config.architectures = ["EVEForCausalLM"]
+    split = config.modality_split
+    dtype = None
+    with _AtomicFolder(Path(dst), overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for key, tensor in iter_safetensors(src):
+            dtype = dtype or tensor.dtype
+            writer.add(key, tensor)
+            for part in split:
+                pattern, repl = _VISION_COPY[part]
+                if pattern.search(key):
+                    writer.add(pattern.sub(repl, key), tensor.clone())
+        for key, tensor in _fresh_patch_embedding(config, dtype or torch.float32, seed).items():
+            writer.add(key, tensor)
+        writer.close()
+        config.save_pretrained(tmp)
+        _copy_side_files(src, tmp)
+    return config
+
+
+def _rename(key: str, to: Literal["ours", "official"]) -> str:
+    table = _OFFICIAL_KEYS if to == "ours" else [(b, a) for a, b in reversed(_OFFICIAL_KEYS)]
+    for old, new in table:
+        key = key.replace(old, new)
+    return key
+
+
+def official_config_to_ours(cfg: dict) -> EVEConfig:
+    if cfg.get("model_type") != "eve-qwen2":
+        raise ValueError(f"expected an official EVEv2 config (model_type 'eve-qwen2'), got {cfg.get('model_type')!r}")
+    parts = cfg.get("moe_part", "") if cfg.get("add_moe") else ""
+    split = [_OFFICIAL_PARTS[p] for p in parts.split("-") if p]
+    drop = {"model_type", "architectures", "transformers_version", "auto_map", "add_moe", "moe_part", "mm_hidden_size",
+            "mm_vision_tower", "tune_VE", "tune_LLM", "tune_MOE", "vision_tower_lr", "dtype", "torch_dtype"}
+    fields = {k: v for k, v in cfg.items() if k not in drop and not k.startswith(("mm_", "tokenizer_", "tune_"))}
+    config = EVEConfig(**fields, patch_hidden_size=cfg.get("mm_hidden_size", 1024), modality_split=split)
+    config.architectures = ["EVEForCausalLM"]
+    return config
+
+
+def our_config_to_official(config: EVEConfig) -> dict:
+    out = config.to_dict()
+    for k in ("patch_size", "patch_merge", "patch_hidden_size", "modality_split", "routing", "image_token_index",
+              "attention_bias", "transformers_version", "dtype"):
+        out.pop(k, None)
+    inverse = {v: k for k, v in _OFFICIAL_PARTS.items()}
+    out.update(model_type="eve-qwen2", architectures=["EVEQwen2ForCausalLM"], add_moe=bool(config.modality_split),
+               moe_part="-".join(inverse[p] for p in ("norm", "attn", "mlp") if p in config.modality_split),
+               mm_hidden_size=config.patch_hidden_size, mm_vision_tower="openai/eve-anyratio-res1600-patch16")
+    return out
+
+
+def convert_official(src: str | Path, dst: str | Path, to: Literal["ours", "official"] = "ours",
+                     overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Convert between the official EVEv2 checkpoint format and ours, in either direction, tensors unchanged."""
+    src = Path(src)
+    cfg = json.loads((src / "config.json").read_text())
+    with _AtomicFolder(Path(dst), overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for key, tensor in iter_safetensors(src):
+            writer.add(_rename(key, to), tensor)
+        writer.close()
+        if to == "ours":
+            official_config_to_ours(cfg).save_pretrained(tmp)
+        else:
+            if cfg.get("model_type") != EVEConfig.model_type:
+                raise ValueError(f"--to official expects one of our folders (model_type 'evev2'), got {cfg.get('model_type')!r}")
+            (tmp / "config.json").write_text(json.dumps(our_config_to_official(EVEConfig.from_dict(cfg)), indent=2))
+        _copy_side_files(src, tmp)
+
+
+def convert_llm_cli(src: Path, dst: Path, variant: Literal["v1.0", "v1.5", "v2.0"] = "v2.0",
+                    patch_hidden_size: int = 1024, seed: int = 0, overwrite: bool = False) -> None:
+    """Convert a local HF Qwen2/Qwen2.5 folder (safetensors, sharded or not) into an EVEv2 model folder.
+
+    Args:
+        src: the LLM folder (config.json + *.safetensors + tokenizer files).
+        dst: the output folder; written under a temporary name and renamed when complete.
+        variant: which modules get a vision copy: v1.0 none, v1.5 the MLP, v2.0 norms + attention + MLP.
+        patch_hidden_size: channels between the two patch-embedding convs (1024 in the paper).
+        seed: seed of the patch embedding's random initialisation.
+        overwrite: replace dst if it exists.
+    """
+    config = convert_llm(src, dst, variant, patch_hidden_size, seed, overwrite)
+    print(f"wrote {dst}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vision copies of {config.modality_split or 'nothing'}")
+
+
+def convert_official_cli(src: Path, dst: Path, to: Literal["ours", "official"] = "ours", overwrite: bool = False) -> None:
+    """Convert an official EVEv2 checkpoint (model_type eve-qwen2) to our format, or back with --to official.
+
+    Args:
+        src: the source folder.
+        dst: the output folder; written under a temporary name and renamed when complete.
+        to: the target format.
+        overwrite: replace dst if it exists.
+    """
+    convert_official(src, dst, to, overwrite)
+    print(f"wrote {dst} ({to} format)")

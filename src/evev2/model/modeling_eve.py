@@ -1,0 +1,336 @@
+"""EVEv2 model: Qwen2 with modality-specific weights ("divide and conquer") and a patch embedding.
+
+Data flow: images -> `EVEPatchEmbedding` (patch_embed.py) -> `splice_images` (splice.py) -> `EVEDecoderLayer` x N with a
+shared `ModalityRouter` (routing.py) -> final norm -> `lm_head` on supervised positions only (loss) or on every position
+(logits). Everything not listed here is imported from HF Qwen2 unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from evev2.model.configuration_eve import EVEConfig
+from evev2.model.patch_embed import EVEPatchEmbedding
+from evev2.model.routing import ModalityRouter
+from evev2.model.splice import IGNORE_INDEX, SplicedInputs, is_left_padded, positions_from_segments, splice_images
+
+
+def _vision_copy(config: EVEConfig, part: str, make: Callable[[], nn.Module]) -> nn.Module | None:
+    return make() if part in config.modality_split else None
+
+
+class EVEAttention(Qwen2Attention):
+    """Qwen2 attention whose q/k/v/o have a vision copy; the softmax attention itself is shared by both modalities."""
+
+    def __init__(self, config: EVEConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        hd, heads, kv_heads, bias = self.head_dim, config.num_attention_heads, config.num_key_value_heads, config.attention_bias
+        if not bias:
+            self.q_proj = nn.Linear(config.hidden_size, heads * hd, bias=False)
+            self.k_proj = nn.Linear(config.hidden_size, kv_heads * hd, bias=False)
+            self.v_proj = nn.Linear(config.hidden_size, kv_heads * hd, bias=False)
+        # main diff with Qwen2: vision copies of the four projections
+        self.vision_q_proj = _vision_copy(config, "attn", lambda: nn.Linear(config.hidden_size, heads * hd, bias=bias))
+        self.vision_k_proj = _vision_copy(config, "attn", lambda: nn.Linear(config.hidden_size, kv_heads * hd, bias=bias))
+        self.vision_v_proj = _vision_copy(config, "attn", lambda: nn.Linear(config.hidden_size, kv_heads * hd, bias=bias))
+        self.vision_o_proj = _vision_copy(config, "attn", lambda: nn.Linear(heads * hd, config.hidden_size, bias=False))
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: torch.Tensor,  # (N, D) stream layout
+        router: ModalityRouter,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        B, L = router.shape
+        q = router.to_sequence(router(self.q_proj, self.vision_q_proj, hidden_states))  # (B, L, H*Hd)
+        k = router.to_sequence(router(self.k_proj, self.vision_k_proj, hidden_states))  # (B, L, Hkv*Hd)
+        v = router.to_sequence(router(self.v_proj, self.vision_v_proj, hidden_states))
+        q = q.view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, H, L, Hd)
+        k = k.view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Hd)
+        v = v.view(B, L, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                           scaling=self.scaling, **kwargs)  # (B, L, H, Hd)
+        out = router.to_stream(out.reshape(B, L, -1))  # (N, H*Hd)
+        return router(self.o_proj, self.vision_o_proj, out)
+
+
+class EVEDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm Qwen2 block in which norms, attention projections and the MLP are routed by modality."""
+
+    def __init__(self, config: EVEConfig, layer_idx: int):
+        super().__init__()
+        norm = lambda: Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # noqa: E731
+        self.self_attn = EVEAttention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.vision_mlp = _vision_copy(config, "mlp", lambda: Qwen2MLP(config))
+        self.vision_input_layernorm = _vision_copy(config, "norm", norm)
+        self.vision_post_attention_layernorm = _vision_copy(config, "norm", norm)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (N, D) stream layout
+        router: ModalityRouter,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        h = router(self.input_layernorm, self.vision_input_layernorm, hidden_states)
+        hidden_states = residual + self.self_attn(h, router, position_embeddings, attention_mask, cache, **kwargs)
+        residual = hidden_states
+        h = router(self.post_attention_layernorm, self.vision_post_attention_layernorm, hidden_states)
+        return residual + router(self.mlp, self.vision_mlp, h)
+
+
+class EVEPreTrainedModel(PreTrainedModel):
+    config_class = EVEConfig
+    config: EVEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EVEDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, EVEPatchEmbedding):
+            module.reset_parameters()
+        elif not isinstance(module, nn.Conv2d):  # the only convs are the patch embedding's, handled above
+            super()._init_weights(module)
+
+
+class EVEModel(EVEPreTrainedModel):
+    def __init__(self, config: EVEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.patch_embed = EVEPatchEmbedding(config)
+        self.layers = nn.ModuleList(EVEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        images: list[torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        padding_side: str | None = None,
+    ) -> SplicedInputs:
+        """Embed text and images into one spliced sequence per row (see `splice_images`)."""
+        if padding_side is None:
+            padding_side = "left" if attention_mask is not None and is_left_padded(attention_mask) else "right"
+        text_embeds = self.embed_tokens(input_ids.clamp(min=0))  # placeholders are negative ids
+        return splice_images(input_ids, self.patch_embed(images), text_embeds, self.config.image_token_index,
+                             attention_mask, labels, padding_side)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        images: list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the decoder.
+
+        Either `input_ids` (+ `images`, spliced here) or `inputs_embeds` (already spliced, with `mm_token_type_ids`
+        saying which rows are image tokens; missing means all text). `attention_mask` is (B, L) with 0 on padding and
+        the packed-sample id elsewhere (1 everywhere for unpacked rows), or a cache-length 0/1 mask while decoding.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if images:
+                s = self.embed_inputs(input_ids, images, attention_mask)
+                inputs_embeds, attention_mask, mm_token_type_ids = s.inputs_embeds, s.attention_mask, s.mm_token_type_ids
+                position_ids = s.position_ids if position_ids is None else position_ids
+            else:
+                if (input_ids == self.config.image_token_index).any():
+                    raise ValueError("input_ids contain image placeholders but no images were given")
+                inputs_embeds = self.embed_tokens(input_ids)
+        B, L, _ = inputs_embeds.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        packed = past == 0 and attention_mask is not None and bool((attention_mask > 1).any())
+        if position_ids is None:
+            if attention_mask is not None and past == 0:
+                position_ids = positions_from_segments(attention_mask)
+            else:
+                position_ids = (torch.arange(L, device=inputs_embeds.device) + past).expand(B, L)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = torch.zeros(B, L, dtype=torch.long, device=inputs_embeds.device)
+
+        if packed:  # block-diagonal causal: attention never crosses packed samples
+            segments = attention_mask
+            mask = create_causal_mask(self.config, inputs_embeds, segments > 0, None, position_ids,
+                                      and_mask_function=lambda b, h, q, kv: segments[b, q] == segments[b, kv])
+        else:
+            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+
+        router = ModalityRouter(mm_token_type_ids.bool(), self.config.routing)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden = router.to_stream(inputs_embeds)  # (N, D), stays in stream layout through all layers
+        for layer in self.layers:
+            hidden = layer(hidden, router, position_embeddings, mask, cache, **kwargs)
+        hidden = self.norm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=router.to_sequence(hidden), cache=cache if use_cache else None)
+
+
+class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: EVEConfig):
+        super().__init__(config)
+        self.model = EVEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        images: list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Causal LM forward.
+
+        Without `labels`: logits for every spliced position (or the last `logits_to_keep`).
+        With `labels` (aligned to `input_ids`, IGNORE_INDEX = -100 ignored; image tokens are ignored automatically): the
+        shifted cross-entropy averaged over supervised positions (or summed and divided by `num_items_in_batch`, for
+        gradient accumulation). `lm_head` then runs only on supervised positions and `logits` is None.
+        """
+        if images and input_ids is not None:
+            s = self.model.embed_inputs(input_ids, images, attention_mask, labels)
+            input_ids, inputs_embeds = None, s.inputs_embeds
+            attention_mask, mm_token_type_ids, labels = s.attention_mask, s.mm_token_type_ids, s.labels
+            position_ids = s.position_ids if position_ids is None else position_ids
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, mm_token_type_ids=mm_token_type_ids, use_cache=use_cache,
+                         **kwargs)
+        hidden = out.last_hidden_state  # (B, L, D)
+        if labels is None:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            return CausalLMOutputWithPast(logits=logits, cache=out.cache)
+        loss = self.supervised_loss(hidden, labels, attention_mask, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=None, cache=out.cache)
+
+    def supervised_loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy over supervised positions only; never predicts across packed samples."""
+        targets = labels[:, 1:]  # (B, L-1): the token each position predicts
+        keep = targets != IGNORE_INDEX
+        if attention_mask is not None and attention_mask.shape == labels.shape:
+            keep &= attention_mask[:, 1:] == attention_mask[:, :-1]
+        h = hidden[:, :-1][keep]  # (M, D)
+        logits = self.lm_head(h)  # (M, V): only M supervised rows, never image rows
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 softmax under bf16
+        total = F.cross_entropy(logits, targets[keep], reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+        return total / denom
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        images: list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """HF `generate`, with images spliced up front (left padding) and generated tokens routed as text.
+
+        Returns the prompt ids followed by the new tokens, as for any decoder-only HF model.
+        """
+        if not images:
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        s = self.model.embed_inputs(input_ids, images, attention_mask, padding_side="left")
+        out = super().generate(inputs_embeds=s.inputs_embeds, attention_mask=(s.attention_mask > 0).long(),
+                               mm_token_type_ids=s.mm_token_type_ids, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences], dim=1)
+        return out
+
+    @torch.no_grad()
+    def clone_text_to_vision(self) -> None:
+        """Make every vision copy an exact clone of its text twin (the paper's initialisation of the vision branch)."""
+        for layer in self.model.layers:
+            for text, vision in vision_pairs(layer):
+                vision.load_state_dict(text.state_dict())
+
+
+def vision_pairs(layer: EVEDecoderLayer) -> list[tuple[nn.Module, nn.Module]]:
+    """(text module, vision copy) pairs of one layer, for the modules the config splits."""
+    a = layer.self_attn
+    pairs = [(layer.mlp, layer.vision_mlp), (layer.input_layernorm, layer.vision_input_layernorm),
+             (layer.post_attention_layernorm, layer.vision_post_attention_layernorm),
+             (a.q_proj, a.vision_q_proj), (a.k_proj, a.vision_k_proj), (a.v_proj, a.vision_v_proj),
+             (a.o_proj, a.vision_o_proj)]
+    return [(t, v) for t, v in pairs if v is not None]

@@ -1,0 +1,61 @@
+"""Modality routing: every token goes through exactly one copy (text or vision) of each routed module.
+
+The router is built once per forward from the explicit per-token modality mask and shared by all layers. In "index"
+mode the residual stream is kept *sorted by modality* ([all text rows | all vision rows]) for the whole decoder, so each
+routed module is two contiguous matmuls with no per-module gather/scatter and no host sync per layer. Only attention needs
+sequence order: q/k/v are un-sorted once per layer and the attention output is re-sorted once.
+
+"blend" mode is the official formulation (both copies on every token, mixed by a float mask). It costs twice the linear
+FLOPs and exists only as a numerical oracle and benchmark baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Module = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ModalityRouter:
+    def __init__(self, vision_mask: torch.Tensor, mode: str = "index"):
+        """vision_mask: bool [B, L], True for image tokens (class, patch and split tokens)."""
+        self.shape = tuple(vision_mask.shape)  # (B, L)
+        flat = vision_mask.reshape(-1)
+        if mode == "blend":
+            self.mode = "blend"
+            self.weight = flat.unsqueeze(-1)  # (N, 1), cast to the activation dtype at use
+            return
+        num_vision = int(flat.sum())  # the single host sync of the forward
+        if num_vision == 0 or num_vision == flat.numel():
+            self.mode = "text" if num_vision == 0 else "vision"
+            return
+        self.mode = "sorted"
+        self.num_text = flat.numel() - num_vision
+        self.order = torch.argsort(flat.to(torch.uint8), stable=True)  # text rows first, then vision rows
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(flat.numel(), device=flat.device)
+
+    def to_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, F] sequence layout -> [N, F] stream layout (sorted by modality in "sorted" mode)."""
+        x = x.reshape(-1, x.shape[-1])
+        return x[self.order] if self.mode == "sorted" else x
+
+    def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, F] stream layout -> [B, L, F] sequence layout."""
+        if self.mode == "sorted":
+            x = x[self.inverse]
+        return x.view(*self.shape, x.shape[-1])
+
+    def __call__(self, text: Module, vision: Module | None, x: torch.Tensor) -> torch.Tensor:
+        """Apply `text` to text rows and `vision` to vision rows of the stream `x`; `vision=None` means shared."""
+        if vision is None or self.mode == "text":
+            return text(x)
+        if self.mode == "vision":
+            return vision(x)
+        if self.mode == "sorted":
+            n = self.num_text
+            return torch.cat([text(x[:n]), vision(x[n:])])
+        w = self.weight.to(x.dtype)
+        return text(x) * (1 - w) + vision(x) * w
