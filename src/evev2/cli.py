@@ -1,7 +1,8 @@
 """The `evev2` command line: a table of typed functions.
 
 Every subcommand is a plain Python function whose signature is its flag set and whose docstring is its help.
-Positional parameters (no default) become positional arguments; the others become `--flags`. A function may take a
+Parameters without a default become positional arguments, keyword-only ones without a default become required
+`--flags`, and the others optional `--flags`. A function may take a
 trailing `overrides: list[str]` to accept free `key=value` arguments. Modules are imported only when their command runs,
 so `evev2 --help` stays fast.
 """
@@ -20,6 +21,9 @@ from typing import Any, Callable
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert", "llm"): ("evev2.model.convert:convert_llm_cli", "Qwen2-family LLM folder -> EVEv2 model folder"),
     ("convert", "official"): ("evev2.model.convert:convert_official_cli", "official EVEv2 checkpoint <-> ours"),
+    ("data", "synth"): ("evev2.data.synth:synth_cli", "render the synthetic world (LLaVA JSON, WebDataset, text)"),
+    ("eval", "report"): ("evev2.eval.commands:report_cli", "tasks x models table from result folders"),
+    ("eval", "score"): ("evev2.eval.commands:score_cli", "score a predictions JSONL on a benchmark"),
 }
 
 
@@ -70,7 +74,9 @@ def _add_function(parser: argparse.ArgumentParser, fn: Callable) -> None:
             common["choices"] = choices
         if is_list:
             common["nargs"] = "+"
-        if param.default is inspect.Parameter.empty:
+        if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.KEYWORD_ONLY:
+            parser.add_argument(flag, dest=name, required=True, **common)
+        elif param.default is inspect.Parameter.empty:
             parser.add_argument(name, **common)
         else:
             parser.add_argument(flag, dest=name, default=param.default, **common)

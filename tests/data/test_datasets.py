@@ -1,0 +1,221 @@
+"""Sources, robustness accounting, the mixture and its resumability, on a folder seeded with broken files."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from transformers import AutoTokenizer
+
+from evev2.data.datasets import LlavaJsonSource, MixtureDataset, WebDatasetSource
+from evev2.data.errors import TooManyBadSamplesError
+from evev2.data.image_processing import EVEImageProcessor, num_image_tokens
+from evev2.data.processor import EVEProcessor
+from evev2.data.samples import DataStats, SampleBuilder
+from evev2.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+BUDGET = 160
+
+
+def image_bytes(fmt: str, size: tuple[int, int], seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def qa(question: str, answer: str, image: str | None = None, sample_id: str | None = None) -> dict:
+    record = {"conversations": [{"from": "human", "value": ("<image>\n" if image else "") + question},
+                                {"from": "gpt", "value": answer}]}
+    if image:
+        record["image"] = image
+    if sample_id:
+        record["id"] = sample_id
+    return record
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Good and broken records in JSONL, index mode and WebDataset form. `expected` lists the skips by reason."""
+    root = tmp_path_factory.mktemp("data")
+    images = root / "images"
+    images.mkdir()
+    for i in range(6):
+        (images / f"good{i}.png").write_bytes(image_bytes("PNG", (40 + 16 * i, 48), seed=i))
+    jpeg = image_bytes("JPEG", (64, 64), seed=99)
+    (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (images / "not_an_image.png").write_text("this is text, not a PNG")
+    good = [qa(f"What is shape {i}?", f"Shape {i} is a square.", f"good{i}.png", f"img{i}") for i in range(6)]
+    good += [qa(f"Say the number {i}.", f"The number is {i}.", sample_id=f"txt{i}") for i in range(4)]
+    bad = [
+        qa("Q", "A", "truncated.jpg"),
+        qa("Q", "A", "not_an_image.png"),
+        qa("Q", "A", "does_not_exist.png"),
+        {"conversations": []},
+        {"conversations": [{"from": "human", "value": "<image>\n<image>\nTwo?"}, {"from": "gpt", "value": "No."}],
+         "image": "good0.png"},
+        qa("Tell a long story.", "word " * 400, "good1.png"),
+        {"no_conversations": True},
+    ]
+    lines = [json.dumps(r) for r in good + bad] + ['{"conversations": [ broken json']
+    (root / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    expected = {"bad_image": 2, "missing_image": 1, "empty_conversation": 1, "image_count_mismatch": 1,
+                "too_long": 1, "malformed_record": 2}
+
+    samples_dir = root / "samples"
+    samples_dir.mkdir()
+    names = []
+    for i, record in enumerate(good[:5]):
+        names.append(f"samples/{i}.json")
+        (samples_dir / f"{i}.json").write_text(json.dumps(record))
+    (samples_dir / "broken.json").write_text("{not json")
+    names.append("samples/broken.json")
+    (root / "index.json").write_text(json.dumps(names))
+
+    shards = []
+    for s in range(3):
+        path = root / f"shard-{s}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for k in range(8):
+                entry = {"__key__": f"s{s}k{k}", "png": image_bytes("PNG", (64, 32 + 32 * (k % 2)), seed=100 + 8 * s + k)}
+                if k % 2:
+                    entry["json"] = json.dumps(qa("Describe.", f"Shard {s} item {k}.", "x")).encode()
+                else:
+                    entry["txt"] = f"A caption for shard {s} item {k}.".encode()
+                sink.write(entry)
+        shards.append(str(path))
+    full = (root / "shard-0.tar").read_bytes()
+    truncated = root / "shard-truncated.tar"
+    truncated.write_bytes(full[: len(full) * 2 // 3])
+    return {"root": root, "expected": expected, "num_good": len(good), "num_lines": len(lines),
+            "shards": shards, "truncated": str(truncated)}
+
+
+@pytest.fixture(scope="module")
+def processor(qwen_tokenizer_dir):
+    return EVEProcessor(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), EVEImageProcessor(max_size=64), "eve")
+
+
+def make_sources(world, processor, stats, seed=0):
+    builder = SampleBuilder(processor, max_tokens=BUDGET)
+    root = world["root"]
+    return [
+        LlavaJsonSource("jsonl", root / "mixed.jsonl", builder, stats, image_root=root / "images", seed=seed),
+        LlavaJsonSource("index", root / "index.json", builder, stats, image_root=root / "images", seed=seed),
+        WebDatasetSource("web", world["shards"], builder, stats, seed=seed, shuffle_buffer=5),
+    ]
+
+
+def test_jsonl_source_counts_every_broken_record_and_keeps_going(world, processor, caplog):
+    stats = DataStats(max_bad_fraction=1.0)
+    builder = SampleBuilder(processor, max_tokens=BUDGET)
+    root = world["root"]
+    # File order: good records first, so epoch 1 starts with a good one and adds no skips.
+    source = LlavaJsonSource("jsonl", root / "mixed.jsonl", builder, stats, image_root=root / "images", shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="evev2.data.samples"):
+        samples = []
+        while source.epoch == 0:  # the run goes on past every broken record into the next epoch
+            samples.append(source.next_sample())
+    assert dict(stats.skipped) == world["expected"]
+    assert stats.kept == world["num_good"] + 1 and stats.seen == world["num_lines"] + 1
+    assert [s.sample_id for s in samples[:-1]] == [f"img{i}" for i in range(6)] + [f"txt{i}" for i in range(4)]
+    assert "missing_image" in caplog.text and "too_long" in caplog.text and "bad_image" in caplog.text
+
+
+def test_samples_carry_ids_labels_images_and_spliced_length(world, processor):
+    stats = DataStats(max_bad_fraction=1.0)
+    source = make_sources(world, processor, stats)[0]
+    for _ in range(world["num_good"]):
+        sample = source.next_sample()
+        n_images = int((sample.input_ids == IMAGE_TOKEN_INDEX).sum())
+        assert n_images == len(sample.images) == (1 if sample.sample_id.startswith("img") else 0)
+        assert all(p.shape[0] == 3 and p.shape[1] % 32 == 0 and p.shape[2] % 32 == 0 for p in sample.images)
+        extra = sum(num_image_tokens(p.shape[1], p.shape[2]) - 1 for p in sample.images)
+        assert sample.num_tokens == len(sample.input_ids) + extra <= BUDGET
+        assert (sample.labels[sample.input_ids == IMAGE_TOKEN_INDEX] == IGNORE_INDEX).all()
+        supervised = sample.labels[sample.labels != IGNORE_INDEX]
+        assert processor.decode(supervised, skip_special_tokens=False).endswith(".<|im_end|>")
+
+
+def test_index_mode_reads_one_file_per_sample(world, processor):
+    stats = DataStats(max_bad_fraction=1.0)
+    source = make_sources(world, processor, stats)[1]
+    assert source.mode == "index"
+    ids = {source.next_sample().sample_id for _ in range(5)}
+    assert ids == {"img0", "img1", "img2", "img3", "img4"} and dict(stats.skipped) == {"malformed_record": 1}
+
+
+def test_webdataset_source_streams_all_shards_and_counts_a_truncated_tar(world, processor):
+    stats = DataStats(max_bad_fraction=1.0)
+    builder = SampleBuilder(processor, max_tokens=BUDGET)
+    source = WebDatasetSource("web", world["shards"] + [world["truncated"]], builder, stats, shuffle_buffer=4)
+    ids = []
+    while source.epoch == 0:
+        ids.append(source.next_sample().sample_id)
+    first_epoch = ids[:-1]  # the last one already belongs to epoch 1
+    clean = {f"shard-{s}.tar/s{s}k{k}" for s in range(3) for k in range(8)}
+    assert clean <= set(first_epoch) and len(set(first_epoch)) == len(first_epoch)
+    assert stats.skipped["truncated_tar"] >= 1
+    assert first_epoch != sorted(first_epoch)  # the shuffle buffer is on
+
+
+def test_records_split_across_ranks_are_disjoint_and_complete(world, processor, monkeypatch):
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stats = DataStats(max_bad_fraction=1.0)
+        source = make_sources(world, processor, stats)[0]
+        ids = []
+        while source.epoch == 0:
+            ids.append(source.next_sample().sample_id)
+        seen.append(set(ids[:-1]))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {f"img{i}" for i in range(6)} | {f"txt{i}" for i in range(4)}
+
+
+def test_mixture_follows_its_weights(world, processor):
+    stats = DataStats(max_bad_fraction=1.0)
+    mixture = MixtureDataset(make_sources(world, processor, stats), weights=[2, 1, 1], seed=3)
+    draws = [sample.source for sample, _ in zip(mixture, range(400))]
+    shares = np.array([draws.count(name) for name in ("jsonl", "index", "web")]) / len(draws)
+    assert np.allclose(shares, [0.5, 0.25, 0.25], atol=0.06), shares
+
+
+def test_mixture_resumes_exactly_from_its_state(world, processor):
+    stats = DataStats(max_bad_fraction=1.0)
+    mixture = MixtureDataset(make_sources(world, processor, stats, seed=5), weights=[1, 1, 1], seed=11)
+    stream = iter(mixture)
+    for _ in range(23):
+        next(stream)
+    state = json.loads(json.dumps(mixture.state_dict()))  # the state survives a JSON round trip
+    remainder = [next(stream) for _ in range(30)]
+
+    fresh_stats = DataStats(max_bad_fraction=1.0)
+    resumed = MixtureDataset(make_sources(world, processor, fresh_stats, seed=5), weights=[1, 1, 1], seed=11)
+    resumed.load_state_dict(state)
+    again = [next(iter(resumed)) for _ in range(30)]
+    assert [(s.source, s.sample_id) for s in again] == [(s.source, s.sample_id) for s in remainder]
+    assert all((a.input_ids == b.input_ids).all() and len(a.images) == len(b.images) for a, b in zip(again, remainder))
+    assert fresh_stats.state_dict() == stats.state_dict()
+
+
+def test_guard_fails_the_run_when_too_many_samples_are_bad(world, processor):
+    stats = DataStats(max_bad_fraction=0.2, min_seen=5)
+    source = make_sources(world, processor, stats)[0]
+    with pytest.raises(TooManyBadSamplesError, match="unusable"):
+        for _ in range(3 * world["num_good"]):
+            source.next_sample()
+    assert stats.bad_fraction > 0.2 and stats.seen >= 5
+
+
+def test_a_source_with_no_usable_sample_fails_loudly(tmp_path, processor):
+    (tmp_path / "bad.jsonl").write_text('{"conversations": []}\n{"broken\n')
+    source = LlavaJsonSource("bad", tmp_path / "bad.jsonl", SampleBuilder(processor, BUDGET), DataStats(1.0))
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        source.next_sample()
