@@ -1,0 +1,1 @@
+"""Data: image preprocessing, the synthetic world, templates and datasets."""

@@ -1,0 +1,235 @@
+"""The synthetic world: a deterministic stream of scenes, written as LLaVA JSON, WebDataset shards and plain text.
+
+Every test and the CPU demo use it. One random stream per (split, level, seed): the held-out split always draws the
+full world (level 3) from a stream no training seed can reach, and the same arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import webdataset as wds
+from PIL import Image
+
+from evev2.data.synth_language import CAPTION_PROMPT, QA, make_caption, make_qa
+from evev2.data.synth_render import render_layout
+from evev2.data.synth_world import (
+    COLORS,
+    FULL_WORLD_LEVEL,
+    SHAPES,
+    WORDS,
+    Layout,
+    SceneObject,
+    level_spec,
+    sample_layout,
+)
+
+Split = Literal["train", "heldout"]
+IMAGE_PLACEHOLDER = "<image>"
+TAR_MTIME = 0.0  # fixed tar member times, so shards are reproducible byte for byte
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image of the world with everything known about it; `image` is None when rendering was skipped."""
+
+    index: int
+    split: str
+    level: int
+    layout: Layout
+    qa: tuple[QA, ...]
+    caption: str
+    conversation: tuple[tuple[str, str], ...]  # (question, answer) turns in the order they are asked
+    image: Image.Image | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:06d}"
+
+    @property
+    def objects(self) -> tuple[SceneObject, ...]:
+        return self.layout.objects
+
+    @property
+    def word(self) -> str | None:
+        return None if self.layout.text is None else self.layout.text.word
+
+
+def _stream_rng(seed: int, level: int, split: str) -> random.Random:
+    # A string seed is hashed (SHA-512) by `random`, so streams of different splits never coincide.
+    return random.Random(f"evev2-synth/{split}/level{level}/seed{seed}")
+
+
+def _check_split_level(split: str, level: int) -> None:
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'heldout'")
+    if split == "heldout" and level != FULL_WORLD_LEVEL:
+        raise ValueError(f"the held-out split is the full world (level {FULL_WORLD_LEVEL}), got level {level}")
+    level_spec(level)
+
+
+def iter_scenes(seed: int = 0, level: int = FULL_WORLD_LEVEL, split: Split = "train",
+                render: bool = True) -> Iterator[Scene]:
+    """An endless, deterministic stream of scenes; `render=False` skips drawing (for text-only corpora).
+
+    Relation answers come from a bag of one "yes" and one "no", refilled when empty, so yes/no are balanced
+    exactly (within one) over any prefix of the stream that asks relation questions.
+    """
+    _check_split_level(split, level)
+    rng = _stream_rng(seed, level, split)
+    relation_bag: list[bool] = []
+    for index in itertools.count():
+        layout = sample_layout(rng, level)
+        relation_yes = None
+        if len(layout.objects) >= 2:
+            if not relation_bag:
+                relation_bag = [True, False]
+                rng.shuffle(relation_bag)
+            relation_yes = relation_bag.pop()
+        qa = make_qa(rng, layout, relation_yes)
+        caption = make_caption(layout)
+        turns = [(item.question, item.answer) for item in qa] + [(CAPTION_PROMPT, caption)]
+        rng.shuffle(turns)
+        image = render_layout(layout) if render else None
+        yield Scene(index, split, level, layout, qa, caption, tuple(turns), image)
+
+
+def generate_world(n: int, seed: int = 0, level: int = FULL_WORLD_LEVEL, split: Split = "train",
+                   render: bool = True) -> list[Scene]:
+    """The first `n` scenes of the stream for (seed, level, split)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return list(itertools.islice(iter_scenes(seed, level, split, render), n))
+
+
+def scene_record(scene: Scene, image_path: str) -> dict[str, Any]:
+    """The LLaVA-style record of a scene, identical in the JSON file and in the WebDataset shard.
+
+    `conversations` alternates human/gpt turns, the first human turn starting with "<image>\\n"; `qa` lists the typed
+    questions (for per-type evaluation); `objects` and `word` are the ground truth (for caption scoring).
+    """
+    conversations = []
+    for turn, (question, answer) in enumerate(scene.conversation):
+        prompt = f"{IMAGE_PLACEHOLDER}\n{question}" if turn == 0 else question
+        conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    return {
+        "id": f"synth-{scene.split}-{scene.key}",
+        "image": image_path,
+        "width": scene.layout.width,
+        "height": scene.layout.height,
+        "level": scene.level,
+        "conversations": conversations,
+        "qa": [{"type": item.type, "question": item.question, "answer": item.answer} for item in scene.qa],
+        "caption": scene.caption,
+        "objects": [{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in scene.objects],
+        "word": scene.word,
+    }
+
+
+def chance_accuracy(qa_type: str, level: int) -> float:
+    """Accuracy of uniform guessing among the answers a question type can have at `level`."""
+    choices = {"color": len(COLORS), "shape": len(SHAPES), "count": len(level_spec(level).counts), "relation": 2,
+               "text": len(WORDS)}
+    return 1.0 / choices[qa_type]
+
+
+def question_records(scene: Scene, image_path: str) -> list[dict[str, Any]]:
+    """One evaluation record per question plus one for the caption (`evev2.eval` task "synth" reads these)."""
+    base = {"image": image_path, "level": scene.level}
+    records = [
+        {**base, "question_id": f"synth-{scene.split}-{scene.key}-{item.type}", "type": item.type,
+         "question": item.question, "answer": item.answer, "chance": chance_accuracy(item.type, scene.level)}
+        for item in scene.qa
+    ]
+    records.append({**base, "question_id": f"synth-{scene.split}-{scene.key}-caption", "type": "caption",
+                    "question": CAPTION_PROMPT, "answer": scene.caption, "chance": None})
+    return records
+
+
+def corpus_lines(scenes: list[Scene]) -> list[str]:
+    """Text-only corpus in the same language: per scene its caption, then one "question answer" line per QA."""
+    lines = []
+    for scene in scenes:
+        lines.append(scene.caption)
+        lines += [f"{item.question} {item.answer}" for item in scene.qa]
+    return lines
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "train", level: int = FULL_WORLD_LEVEL,
+                shard_size: int = 1000) -> dict[str, Any]:
+    """Render `n` scenes and write them in both formats plus the text corpus; returns the manifest.
+
+    Layout under `out_dir` (one directory can hold both splits):
+    `images/{split}/NNNNNN.png`, `{split}.json` (LLaVA records, image paths relative to `out_dir`),
+    `shards/{split}-NNNNNN.tar` (`NNNNNN.png` + `NNNNNN.json` per sample), `{split}_questions.jsonl` (one
+    record per question, for evaluation), `{split}_text.txt`, `{split}_manifest.json`.
+    Stale files of an earlier run of the same split are removed first.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    image_dir, shard_dir = out / "images" / split, out / "shards"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*image_dir.glob("*.png"), *shard_dir.glob(f"{split}-*.tar")]:
+        stale.unlink()
+    scenes = generate_world(n, seed, level, split)
+    records, questions = [], []
+    pattern = str(shard_dir / f"{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=TAR_MTIME) as shards:
+        for scene in scenes:
+            png = _png_bytes(scene.image)
+            relpath = f"images/{split}/{scene.key}.png"
+            (out / relpath).write_bytes(png)
+            record = scene_record(scene, relpath)
+            records.append(record)
+            questions += question_records(scene, relpath)
+            shards.write({"__key__": scene.key, "png": png, "json": json.dumps(record).encode("utf-8")})
+    json_path = out / f"{split}.json"
+    json_path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n", encoding="utf-8")
+    questions_path = out / f"{split}_questions.jsonl"
+    questions_path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
+    text_path = out / f"{split}_text.txt"
+    text_path.write_text("".join(line + "\n" for line in corpus_lines(scenes)), encoding="utf-8")
+    qa_counts = Counter(item.type for scene in scenes for item in scene.qa)
+    manifest = {
+        "split": split, "n": n, "seed": seed, "level": level,
+        "json": json_path.name, "questions": questions_path.name, "text": text_path.name,
+        "shards": sorted(p.name for p in shard_dir.glob(f"{split}-*.tar")),
+        "qa_counts": dict(sorted(qa_counts.items())),
+        "relation_yes": sum(q.answer == "yes" for scene in scenes for q in scene.qa if q.type == "relation"),
+    }
+    (out / f"{split}_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def synth_cli(out: Path = Path("synth_world"), n: int = 1000, seed: int = 0, split: Split = "train",
+              level: Literal[1, 2, 3] = FULL_WORLD_LEVEL, shard_size: int = 1000) -> dict[str, Any]:
+    """Render the synthetic world as LLaVA JSON + WebDataset shards + a text corpus.
+
+    Args:
+        out: output directory (both splits can share it).
+        n: number of images.
+        seed: stream seed; the same seed gives byte-identical files, and no train seed reaches the held-out stream.
+        split: train, or heldout (always the full world, level 3).
+        level: curriculum level: 1 = one object on a small canvas, 2 = 1-3 objects, 3 = full world with 1-5 objects.
+        shard_size: samples per WebDataset tar shard.
+    """
+    manifest = write_world(out, n, seed, split, level, shard_size)
+    print(f"wrote {n} {split} scenes (level {level}, seed {seed}) to {out}: {manifest['json']}, "
+          f"{len(manifest['shards'])} shard(s), {manifest['text']}; questions {manifest['qa_counts']}")
+    return manifest

@@ -1,0 +1,106 @@
+"""The synthetic world's little language: questions, single-word answers and a dense caption for a layout.
+
+Question wording never carries the answer: colours and shapes are drawn independently, and a relation question
+picks a random ordered pair and then either a true relation ("yes") or the opposite of one ("no"), so the relation
+word is equally likely under both answers. The yes/no balance itself is set by the caller (see `synth.iter_scenes`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from evev2.data.synth_world import NUMBER_WORDS, Layout, SceneObject
+
+QA_TYPES = ("color", "shape", "count", "relation", "text")
+RELATIONS = ("left of", "right of", "above", "below")
+OPPOSITE = MappingProxyType({"left of": "right of", "right of": "left of", "above": "below", "below": "above"})
+CAPTION_PROMPT = "describe the image ."
+_ROWS = ("top", "middle", "bottom")
+_COLUMNS = ("left", "center", "right")
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question with its single-word answer; `type` is one of QA_TYPES."""
+
+    type: str
+    question: str
+    answer: str
+
+
+def true_relations(a: SceneObject, b: SceneObject) -> list[str]:
+    """Relations "a <rel> b" that hold with a clear gap: a's box lies wholly on that side of b's box."""
+    found = []
+    if a.box[2] <= b.box[0]:
+        found.append("left of")
+    if b.box[2] <= a.box[0]:
+        found.append("right of")
+    if a.box[3] <= b.box[1]:
+        found.append("above")
+    if b.box[3] <= a.box[1]:
+        found.append("below")
+    return found
+
+
+def relation_qa(rng: random.Random, objects: tuple[SceneObject, ...], answer_yes: bool) -> QA:
+    """A yes/no relation question about a random ordered pair whose answer is `answer_yes`."""
+    a, b = rng.sample(objects, 2)
+    holds = true_relations(a, b)
+    if not holds:
+        raise ValueError(f"objects at {a.box} and {b.box} overlap on both axes; the layout must keep them apart")
+    relation = rng.choice(holds)
+    if not answer_yes:
+        relation = OPPOSITE[relation]
+    question = f"is the {a.color} {a.shape} {relation} the {b.color} {b.shape} ?"
+    return QA("relation", question, "yes" if answer_yes else "no")
+
+
+def make_qa(rng: random.Random, layout: Layout, relation_yes: bool | None) -> tuple[QA, ...]:
+    """Every applicable question type once, in QA_TYPES order; relation only when `relation_yes` is given."""
+    objects = layout.objects
+    about_color, about_shape = rng.choice(objects), rng.choice(objects)
+    qa = [
+        QA("color", f"what color is the {about_color.shape} ?", about_color.color),
+        QA("shape", f"what shape is the {about_shape.color} object ?", about_shape.shape),
+        QA("count", "how many shapes are there ?", NUMBER_WORDS[len(objects)]),
+    ]
+    if relation_yes is not None:
+        qa.append(relation_qa(rng, objects, relation_yes))
+    if layout.text is not None:
+        qa.append(QA("text", "what word is written ?", layout.text.word))
+    return tuple(qa)
+
+
+def grid_position(center: tuple[float, float], width: int, height: int) -> str:
+    """Where a point lies on a 3x3 grid: "top left", "top", ..., "center", ..., "bottom right"."""
+    column = _COLUMNS[min(2, int(3 * center[0] / width))]
+    row = _ROWS[min(2, int(3 * center[1] / height))]
+    if row == "middle":
+        return column
+    return row if column == "center" else f"{row} {column}"
+
+
+def _reading_order(center: tuple[float, float], width: int, height: int) -> tuple[int, int, float]:
+    return min(2, int(3 * center[1] / height)), min(2, int(3 * center[0] / width)), center[0]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def make_caption(layout: Layout) -> str:
+    """Dense caption: the count, then every object in reading order with its grid position, then the word.
+
+    The order is fixed by the image (top-to-bottom, left-to-right), so the caption is a function of the pixels.
+    """
+    n, width, height = len(layout.objects), layout.width, layout.height
+    parts = ["there is one shape ." if n == 1 else f"there are {NUMBER_WORDS[n]} shapes ."]
+    ordered = sorted(layout.objects, key=lambda o: _reading_order(o.center, width, height))
+    parts += [f"{_article(o.color)} {o.color} {o.shape} at {grid_position(o.center, width, height)} ." for o in ordered]
+    if layout.text is not None:
+        box = layout.text.box
+        center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        parts.append(f"the word {layout.text.word} is written at {grid_position(center, width, height)} .")
+    return " ".join(parts)

@@ -1,0 +1,184 @@
+"""The synthetic world's contents and layout: what is in a scene and where, before any pixel is drawn.
+
+Sizes are chosen for a tiny VLM on CPU: one token covers 32x32 px, so every shape is at least 32 px wide and text
+is at least 28 px high; canvases are multiples of 32 between 96 and 320 px in several aspect ratios. Levels form a
+curriculum; level 3 is the full world and the held-out distribution.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from PIL import ImageFont
+
+# Name -> base RGB. Each object gets +-COLOR_JITTER per channel, so colour names stay unambiguous.
+COLORS = MappingProxyType({
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 185),
+    "orange": (245, 140, 30),
+    "black": (25, 25, 25),
+    "white": (240, 240, 240),
+})
+COLOR_JITTER = 20
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Short words for OCR: 3-4 letters, none of them a colour, shape, number or answer word of the world.
+WORDS = (
+    "cat", "dog", "sun", "car", "fish", "bird", "moon", "cake", "ship", "lamp", "frog", "milk",
+    "rain", "door", "key", "hat", "cup", "box", "pen", "bus", "egg", "tree", "book", "bell",
+)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+TEXT_COLORS = MappingProxyType({"black": (15, 15, 15), "white": (245, 245, 245)})
+FONT_SIZES = (28, 32, 36, 40)
+WORD_PROBABILITY = 0.5
+EDGE_PX = 4  # free border around the canvas
+GAP_PX = 8  # minimum gap between two items, so every pair is clearly apart on at least one axis
+BACKGROUND_RANGE = (100, 160)  # near-grey base, +-BACKGROUND_JITTER per channel
+BACKGROUND_JITTER = 12
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """One curriculum level: how many objects, which canvas sides, how large the shapes."""
+
+    counts: tuple[int, ...]
+    sides: tuple[int, ...]
+    min_area: int  # smallest canvas area, so that the largest count always fits
+    shape_px: tuple[int, int]  # inclusive range of a shape's side
+
+
+LEVELS = MappingProxyType({
+    1: LevelSpec(counts=(1,), sides=(96, 128, 160), min_area=96 * 96, shape_px=(40, 64)),
+    2: LevelSpec(counts=(1, 2, 3), sides=(96, 128, 160, 192, 224), min_area=128 * 160, shape_px=(36, 60)),
+    3: LevelSpec(counts=(1, 2, 3, 4, 5), sides=(96, 128, 160, 192, 224, 256, 288, 320), min_area=160 * 192,
+                 shape_px=(32, 56)),
+})
+FULL_WORLD_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One coloured shape; colours and shapes are distinct within a scene, so "the red object" is unique."""
+
+    shape: str
+    color: str
+    rgb: RGB
+    box: Box
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class SceneText:
+    """One rendered word; `box` is where the glyphs are drawn (anchor left-top)."""
+
+    word: str
+    rgb: RGB
+    box: Box
+    font_size: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything visible in a scene."""
+
+    width: int
+    height: int
+    background: RGB
+    objects: tuple[SceneObject, ...]
+    text: SceneText | None
+
+
+def level_spec(level: int) -> LevelSpec:
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level}; choose one of {sorted(LEVELS)}")
+    return LEVELS[level]
+
+
+@functools.lru_cache(maxsize=len(WORDS) * len(FONT_SIZES))
+def text_extent(word: str, font_size: int) -> tuple[int, int]:
+    """(width, height) of `word` in Pillow's built-in scalable font, anchored at its left-top corner."""
+    _, _, right, bottom = ImageFont.load_default(size=font_size).getbbox(word, anchor="lt")
+    return int(right), int(bottom)
+
+
+def _jitter(rng: random.Random, rgb: RGB, amount: int) -> RGB:
+    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+
+
+def _apart(a: Box, b: Box) -> bool:
+    return a[2] + GAP_PX <= b[0] or b[2] + GAP_PX <= a[0] or a[3] + GAP_PX <= b[1] or b[3] + GAP_PX <= a[1]
+
+
+def _place(rng: random.Random, width: int, height: int, sizes: list[tuple[int, int]], tries: int) -> list[Box] | None:
+    """Rejection-sample non-overlapping boxes for the given (w, h) sizes, in order; None when one does not fit."""
+    boxes: list[Box] = []
+    for w, h in sizes:
+        if w > width - 2 * EDGE_PX or h > height - 2 * EDGE_PX:
+            return None
+        for _ in range(tries):
+            x0 = rng.randint(EDGE_PX, width - EDGE_PX - w)
+            y0 = rng.randint(EDGE_PX, height - EDGE_PX - h)
+            box = (x0, y0, x0 + w, y0 + h)
+            if all(_apart(box, other) for other in boxes):
+                boxes.append(box)
+                break
+        else:
+            return None
+    return boxes
+
+
+def _canvas(rng: random.Random, spec: LevelSpec) -> tuple[int, int]:
+    """Width and height drawn independently (so aspect ratios vary), regardless of the object count."""
+    while True:
+        width, height = rng.choice(spec.sides), rng.choice(spec.sides)
+        if width * height >= spec.min_area:
+            return width, height
+
+
+def sample_layout(rng: random.Random, level: int) -> Layout:
+    """Draw one scene: canvas, background, 1..N distinct objects and maybe a word, all placed without overlap.
+
+    The canvas is drawn before the count and is kept when placement fails (only positions and sizes are redrawn),
+    so image size carries no information about the count.
+    """
+    spec = level_spec(level)
+    width, height = _canvas(rng, spec)
+    base = rng.randint(*BACKGROUND_RANGE)
+    background = _jitter(rng, (base, base, base), BACKGROUND_JITTER)
+    count = rng.choice(spec.counts)
+    color_names = rng.sample(sorted(COLORS), count)
+    shape_names = rng.sample(SHAPES, count)
+    word = rng.choice(WORDS) if rng.random() < WORD_PROBABILITY else None
+    text_color = rng.choice(sorted(TEXT_COLORS))
+    fitting = [f for f in FONT_SIZES if word is not None and text_extent(word, f)[0] <= width - 2 * EDGE_PX]
+    for _ in range(200):
+        sides = [rng.randint(*spec.shape_px) for _ in range(count)]
+        sizes = [(s, s) for s in sides]
+        font_size = 0
+        if word is not None:
+            font_size = rng.choice(fitting)
+            sizes.insert(0, text_extent(word, font_size))  # the widest item goes first: it is the hardest to fit
+        boxes = _place(rng, width, height, sizes, tries=30)
+        if boxes is not None:
+            break
+    else:
+        raise RuntimeError(f"cannot place {count} objects on a {width}x{height} canvas at level {level}")
+    text = None
+    if word is not None:
+        text = SceneText(word, TEXT_COLORS[text_color], boxes.pop(0), font_size)
+    objects = tuple(
+        SceneObject(shape, color, _jitter(rng, COLORS[color], COLOR_JITTER), box)
+        for shape, color, box in zip(shape_names, color_names, boxes)
+    )
+    return Layout(width, height, background, objects, text)

@@ -1,0 +1,256 @@
+import io
+import json
+import math
+import tarfile
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evev2.cli import main
+from evev2.data.synth import generate_world, write_world
+from evev2.data.synth_language import OPPOSITE, QA_TYPES, RELATIONS, true_relations
+from evev2.data.synth_world import COLORS, FONT_SIZES, NUMBER_WORDS, SHAPES, WORDS, text_extent
+
+
+@pytest.fixture(scope="module")
+def train_scenes():
+    return generate_world(3000, seed=0, level=3, split="train", render=False)
+
+
+@pytest.fixture(scope="module")
+def heldout_scenes():
+    return generate_world(2000, split="heldout", render=False)
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return generate_world(200, seed=5, level=3)
+
+
+def _questions(scenes, qa_type):
+    return [item for scene in scenes for item in scene.qa if item.type == qa_type]
+
+
+# ---- the world has what the demo needs ------------------------------------------------------------------------------
+
+def test_world_covers_the_vocabulary(train_scenes):
+    assert len(COLORS) >= 8 and len(SHAPES) >= 5 and len(WORDS) >= 20
+    assert all(3 <= len(word) <= 5 for word in WORDS)
+    objects = [o for scene in train_scenes for o in scene.objects]
+    assert {o.color for o in objects} == set(COLORS)
+    assert {o.shape for o in objects} == set(SHAPES)
+    assert Counter(len(s.objects) for s in train_scenes).keys() == {1, 2, 3, 4, 5}
+    assert {s.word for s in train_scenes if s.word} == set(WORDS)
+    assert {q.type for s in train_scenes for q in s.qa} == set(QA_TYPES)
+    relation_words = {r for q in _questions(train_scenes, "relation") for r in RELATIONS if f" {r} the" in q.question}
+    assert relation_words == set(RELATIONS)
+    sizes = {(s.layout.width, s.layout.height) for s in train_scenes}
+    assert min(min(size) for size in sizes) == 96 and max(max(size) for size in sizes) == 320
+    assert len({round(w / h, 2) for w, h in sizes}) >= 10  # many aspect ratios
+    assert all(w % 32 == 0 and h % 32 == 0 for w, h in sizes)
+
+
+def test_objects_and_text_are_large_and_apart(train_scenes):
+    for scene in train_scenes[:1000]:
+        items = [o.box for o in scene.objects] + ([scene.layout.text.box] if scene.layout.text else [])
+        for x0, y0, x1, y1 in items:
+            assert 0 <= x0 < x1 <= scene.layout.width and 0 <= y0 < y1 <= scene.layout.height
+        for o in scene.objects:
+            assert o.box[2] - o.box[0] >= 32 and o.box[3] - o.box[1] >= 32
+        if scene.layout.text:
+            assert scene.layout.text.font_size >= 28
+        for i, a in enumerate(items):  # no two items overlap
+            for b in items[i + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+        assert len({o.color for o in scene.objects}) == len({o.shape for o in scene.objects}) == len(scene.objects)
+
+
+def test_every_word_fits_the_narrowest_canvas():
+    assert all(text_extent(word, min(FONT_SIZES))[0] <= 96 - 8 for word in WORDS)
+
+
+def test_answers_agree_with_the_scene(train_scenes):
+    for scene in train_scenes[:1000]:
+        by_shape = {o.shape: o for o in scene.objects}
+        by_color = {o.color: o for o in scene.objects}
+        for item in scene.qa:
+            assert len(item.answer.split()) == 1  # single-word answers
+            words = item.question.split()
+            if item.type == "color":
+                assert by_shape[words[-2]].color == item.answer
+            elif item.type == "shape":
+                assert by_color[words[-3]].shape == item.answer
+            elif item.type == "count":
+                assert item.answer == NUMBER_WORDS[len(scene.objects)]
+            elif item.type == "text":
+                assert item.answer == scene.word
+            elif item.type == "relation":
+                a, b = by_shape[words[3]], by_shape[words[-2]]
+                assert (words[2], words[-3]) == (a.color, b.color)
+                relation = next(r for r in RELATIONS if f" {r} the" in item.question)
+                holds = relation in true_relations(a, b)
+                assert item.answer == ("yes" if holds else "no")
+                if not holds:  # a "no" is clearly false: the opposite relation holds
+                    assert OPPOSITE[relation] in true_relations(a, b)
+
+
+def test_caption_lists_every_object_and_the_word(train_scenes):
+    for scene in train_scenes[:300]:
+        for o in scene.objects:
+            assert f" {o.color} {o.shape} at " in scene.caption
+        assert (f"the word {scene.word} is written" in scene.caption) == (scene.word is not None)
+        assert scene.caption.startswith("there is one shape" if len(scene.objects) == 1 else "there are ")
+
+
+def test_rendered_pixels_match_the_metadata(rendered):
+    for scene in rendered:
+        pixels = np.asarray(scene.image)
+        assert pixels.shape == (scene.layout.height, scene.layout.width, 3)
+        for o in scene.objects:  # every shape is filled at its box centre
+            cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2
+            assert tuple(pixels[cy, cx]) == o.rgb
+        if scene.layout.text:
+            x0, y0, x1, y1 = scene.layout.text.box
+            inked = np.all(pixels[y0:y1, x0:x1] == scene.layout.text.rgb, axis=-1).sum()
+            assert inked > 30  # the glyphs are drawn where the box says
+        assert tuple(pixels[0, 0]) == scene.layout.background  # the border stays background
+
+
+# ---- no text-only shortcut ------------------------------------------------------------------------------------------
+
+def test_relation_answers_are_balanced_exactly(train_scenes, heldout_scenes):
+    for scenes in (train_scenes, heldout_scenes):
+        answers = Counter(q.answer for q in _questions(scenes, "relation"))
+        assert abs(answers["yes"] - answers["no"]) <= 1
+        per_word = defaultdict(Counter)  # the relation word must not predict the answer
+        for q in _questions(scenes, "relation"):
+            per_word[next(r for r in RELATIONS if f" {r} the" in q.question)][q.answer] += 1
+        for counts in per_word.values():
+            assert 0.4 < counts["yes"] / (counts["yes"] + counts["no"]) < 0.6
+
+
+class BagOfWordsProbe:
+    """A blind question -> answer classifier (multinomial naive Bayes over question words)."""
+
+    def fit(self, items):
+        self.answer_counts = Counter(q.answer for q in items)
+        self.word_counts = defaultdict(Counter)
+        for q in items:
+            self.word_counts[q.answer].update(q.question.split())
+        self.vocab = {w for counts in self.word_counts.values() for w in counts}
+        return self
+
+    def predict(self, question):
+        def score(answer):
+            counts = self.word_counts[answer]
+            total = sum(counts.values()) + len(self.vocab)
+            return math.log(self.answer_counts[answer]) + sum(
+                math.log((counts[w] + 1) / total) for w in question.split())
+        return max(self.answer_counts, key=score)
+
+    def accuracy(self, items):
+        return float(np.mean([self.predict(q.question) == q.answer for q in items]))
+
+
+def test_blind_model_scores_chance_on_held_out(train_scenes, heldout_scenes):
+    relation_probe = BagOfWordsProbe().fit(_questions(train_scenes, "relation"))
+    assert abs(relation_probe.accuracy(_questions(heldout_scenes, "relation")) - 0.5) < 0.05
+    chance = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "count": 1 / 5, "text": 1 / len(WORDS)}
+    for qa_type, level in chance.items():
+        train_majority = Counter(q.answer for q in _questions(train_scenes, qa_type)).most_common(1)[0][0]
+        held = _questions(heldout_scenes, qa_type)
+        majority_accuracy = np.mean([q.answer == train_majority for q in held])
+        assert majority_accuracy < level + 0.04, qa_type
+        probe_accuracy = BagOfWordsProbe().fit(_questions(train_scenes, qa_type)).accuracy(held)
+        assert probe_accuracy < level + 0.05, qa_type
+
+
+def test_the_probe_would_catch_a_wording_shortcut(train_scenes, heldout_scenes):
+    """The feasibility study's bug: "left of"/"above" always meant yes. The same probe must find it."""
+    def leaky(scenes):
+        out = []
+        for q in _questions(scenes, "relation"):
+            positive = " left of " in q.question or " above " in q.question
+            out.append(type(q)("relation", q.question, "yes" if positive else "no"))
+        return out
+    assert BagOfWordsProbe().fit(leaky(train_scenes)).accuracy(leaky(heldout_scenes)) > 0.95
+
+
+# ---- splits, levels, determinism, files -----------------------------------------------------------------------------
+
+def test_levels_form_a_curriculum():
+    level1 = generate_world(300, level=1, render=False)
+    assert {len(s.objects) for s in level1} == {1}
+    assert max(max(s.layout.width, s.layout.height) for s in level1) <= 160
+    assert not _questions(level1, "relation")
+    level2 = generate_world(300, level=2, render=False)
+    assert {len(s.objects) for s in level2} == {1, 2, 3}
+    with pytest.raises(ValueError, match="full world"):
+        generate_world(3, level=1, split="heldout")
+    with pytest.raises(ValueError, match="unknown level"):
+        generate_world(3, level=7)
+
+
+def test_heldout_differs_from_every_train_seed(heldout_scenes):
+    heldout = {(s.caption, s.layout.width, s.layout.height) for s in heldout_scenes[:200]}
+    for seed in range(3):
+        train = {(s.caption, s.layout.width, s.layout.height) for s in generate_world(200, seed=seed, render=False)}
+        assert len(heldout & train) < 5  # only trivially simple scenes could coincide in caption and size
+    boxes = {tuple(o.box for o in s.objects) for s in heldout_scenes[:200]}
+    assert not boxes & {tuple(o.box for o in s.objects) for s in generate_world(200, seed=0, render=False)}
+    assert all(s.level == 3 for s in heldout_scenes)
+
+
+def test_generation_is_fast():
+    generate_world(20)
+    start = time.perf_counter()
+    generate_world(300, seed=9)
+    assert (time.perf_counter() - start) / 300 < 0.002
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
+    write_world(tmp_path / "a", 40, seed=3)
+    write_world(tmp_path / "b", 40, seed=3)
+    write_world(tmp_path / "c", 40, seed=4)
+    a, b, c = (_files(tmp_path / name) for name in "abc")
+    assert a == b and len(a) == 40 + 5
+    assert a.keys() == c.keys() and all(a[k] != c[k] for k in ("train.json", "train_text.txt"))
+
+
+def test_cli_writes_llava_json_webdataset_and_text(tmp_path):
+    out = tmp_path / "world"
+    manifest = main(["data", "synth", "--out", str(out), "--n", "200", "--shard-size", "150"])
+    records = json.loads((out / "train.json").read_text())
+    assert len(records) == 200 and manifest["shards"] == ["train-000000.tar", "train-000001.tar"]
+    first = records[0]
+    assert first["conversations"][0]["from"] == "human" and first["conversations"][0]["value"].startswith("<image>\n")
+    assert [t["from"] for t in first["conversations"]] == ["human", "gpt"] * (len(first["qa"]) + 1)
+    assert sum("<image>" in t["value"] for r in records for t in r["conversations"]) == 200
+    image = Image.open(out / first["image"])
+    assert image.size == (first["width"], first["height"])
+    with tarfile.open(out / "shards" / "train-000000.tar") as tar:
+        names = tar.getnames()
+        assert names[:2] == ["000000.json", "000000.png"] and len(names) == 300
+        assert json.loads(tar.extractfile("000000.json").read()) == first
+        png = tar.extractfile("000000.png").read()
+    assert png == (out / first["image"]).read_bytes()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(image))
+    questions = [json.loads(line) for line in (out / "train_questions.jsonl").read_text().splitlines()]
+    assert len(questions) == sum(len(r["qa"]) + 1 for r in records)
+    first_relation = next(q for q in questions if q["type"] == "relation")
+    assert first_relation["chance"] == 0.5 and first_relation["answer"] in ("yes", "no")
+    assert questions[0]["image"] == first["image"] and questions[0]["chance"] == 1 / len(COLORS)
+    lines = (out / "train_text.txt").read_text().splitlines()
+    assert len(lines) == sum(1 + len(r["qa"]) for r in records)
+    assert lines[0] == first["caption"]
+    main(["data", "synth", "--out", str(out), "--n", "30", "--split", "heldout"])
+    held = json.loads((out / "heldout.json").read_text())
+    assert len(held) == 30 and held[0]["id"] == "synth-heldout-000000" and held[0]["caption"] != first["caption"]
+    assert len(json.loads((out / "train.json").read_text())) == 200  # the other split is untouched
