@@ -46,3 +46,53 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_qwen2")
     Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """A tiny EVEv2 folder made the way users make one: a Qwen2 LLM (real Qwen tokenizer) -> `convert_llm`."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from evev2.model.convert import convert_llm
+
+    root = tmp_path_factory.mktemp("tiny_vlm")
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    torch.manual_seed(0)
+    dims = {**TINY, "vocab_size": len(tokenizer), "tie_word_embeddings": True}
+    Qwen2ForCausalLM(Qwen2Config(**dims)).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    convert_llm(root / "llm", root / "eve", patch_hidden_size=16)
+    return root / "eve"
+
+
+@pytest.fixture(scope="session")
+def tiny_world_dir(tmp_path_factory) -> Path:
+    """32 small synthetic scenes (one object each) in every format the data code reads."""
+    from evev2.data.synth import write_world
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    write_world(root, n=32, seed=0, split="train", level=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_eve_chat_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """A random tiny EVEv2 model folder with the real Qwen vocabulary and an `eve` processor (inference/serving tests).
+
+    Context 2048 so that long streams fit; images are capped at 64 px (at most 7 tokens) to keep prompts short.
+    """
+    from transformers import AutoTokenizer
+
+    from evev2.data.image_processing import EVEImageProcessor
+    from evev2.data.processor import EVEProcessor
+    from evev2.model import EVEForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    torch.manual_seed(0)
+    config = tiny_eve_config(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True)
+    model = EVEForCausalLM(config)
+    perturb_vision_weights(model)
+    path = tmp_path_factory.mktemp("tiny_eve_chat")
+    model.save_pretrained(path)
+    EVEProcessor(tokenizer, EVEImageProcessor(max_size=64), template="eve").save_pretrained(path)
+    return path

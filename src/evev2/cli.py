@@ -23,7 +23,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert", "official"): ("evev2.model.convert:convert_official_cli", "official EVEv2 checkpoint <-> ours"),
     ("data", "synth"): ("evev2.data.synth:synth_cli", "render the synthetic world (LLaVA JSON, WebDataset, text)"),
     ("eval", "report"): ("evev2.eval.commands:report_cli", "tasks x models table from result folders"),
+    ("eval", "run"): ("evev2.eval.run:run_cli", "run a model on a benchmark (resumable, torchrun-aware) and score it"),
     ("eval", "score"): ("evev2.eval.commands:score_cli", "score a predictions JSONL on a benchmark"),
+    ("train",): ("evev2.train.engine:train_cli", "train one stage from a TOML recipe"),
 }
 
 

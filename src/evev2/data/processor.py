@@ -105,8 +105,7 @@ class EVEProcessor:
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
-        config = {"processor_class": type(self).__name__, "template": self.template.name}
-        (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        write_processor_config(directory, self.template.name)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **image_processor_overrides: Any) -> EVEProcessor:
@@ -116,6 +115,12 @@ class EVEProcessor:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         image_processor = EVEImageProcessor.from_pretrained(directory, **image_processor_overrides)
         return cls(tokenizer, image_processor, template=config["template"])
+
+
+def write_processor_config(directory: str | Path, template: str) -> None:
+    """`processor_config.json`: which chat template a model folder's processor uses."""
+    config = {"processor_class": EVEProcessor.__name__, "template": get_template(template).name}
+    (Path(directory) / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _as_batch(text: Any) -> list[str | Conversation]:

@@ -98,7 +98,7 @@ class ShardWriter:
             (self.folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
 
 
-class _AtomicFolder:
+class AtomicFolder:
     """Build a folder under a temporary name beside `dst` and rename it into place only when complete."""
 
     def __init__(self, dst: Path, overwrite: bool):
@@ -127,6 +127,15 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
+def _write_processor_files(dst: Path, max_size: int, resize_policy: str) -> None:
+    """Image preprocessing and chat template of the new folder, so that `EVEProcessor.from_pretrained` loads it."""
+    from evev2.data.image_processing import EVEImageProcessor
+    from evev2.data.processor import write_processor_config
+
+    EVEImageProcessor(max_size=max_size, resize_policy=resize_policy).save_pretrained(dst)
+    write_processor_config(dst, "eve")
+
+
 def _fresh_patch_embedding(config: EVEConfig, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     module = EVEPatchEmbedding(config)  # constructed with the official initialisation
@@ -148,7 +157,7 @@ def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_h
     config.architectures = ["EVEForCausalLM"]
     split = config.modality_split
     dtype = None
-    with _AtomicFolder(Path(dst), overwrite) as tmp:
+    with AtomicFolder(Path(dst), overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for key, tensor in iter_safetensors(src):
             dtype = dtype or tensor.dtype
@@ -162,6 +171,7 @@ def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_h
         writer.close()
         config.save_pretrained(tmp)
         _copy_side_files(src, tmp)
+        _write_processor_files(tmp, max_size=800, resize_policy="max_area")
     return config
 
 
@@ -202,18 +212,20 @@ def convert_official(src: str | Path, dst: str | Path, to: Literal["ours", "offi
     """Convert between the official EVEv2 checkpoint format and ours, in either direction, tensors unchanged."""
     src = Path(src)
     cfg = json.loads((src / "config.json").read_text())
-    with _AtomicFolder(Path(dst), overwrite) as tmp:
+    with AtomicFolder(Path(dst), overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for key, tensor in iter_safetensors(src):
             writer.add(_rename(key, to), tensor)
         writer.close()
+        _copy_side_files(src, tmp)
         if to == "ours":
             official_config_to_ours(cfg).save_pretrained(tmp)
+            # the official inference preprocessing, so that converted checkpoints reproduce the official numbers
+            _write_processor_files(tmp, max_size=1600, resize_policy="official_eval")
         else:
             if cfg.get("model_type") != EVEConfig.model_type:
                 raise ValueError(f"--to official expects one of our folders (model_type 'evev2'), got {cfg.get('model_type')!r}")
             (tmp / "config.json").write_text(json.dumps(our_config_to_official(EVEConfig.from_dict(cfg)), indent=2))
-        _copy_side_files(src, tmp)
 
 
 def convert_llm_cli(src: Path, dst: Path, variant: Literal["v1.0", "v1.5", "v2.0"] = "v2.0",

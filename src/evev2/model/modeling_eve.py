@@ -210,7 +210,8 @@ class EVEModel(EVEPreTrainedModel):
         else:
             mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
-        router = ModalityRouter(mm_token_type_ids.bool(), self.config.routing)
+        router = ModalityRouter(mm_token_type_ids.bool(), self.config.routing,
+                                keep_both=self.training and torch.is_grad_enabled())
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden = router.to_stream(inputs_embeds)  # (N, D), stays in stream layout through all layers
         for layer in self.layers:

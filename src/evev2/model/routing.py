@@ -19,9 +19,15 @@ Module = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ModalityRouter:
-    def __init__(self, vision_mask: torch.Tensor, mode: str = "index"):
-        """vision_mask: bool [B, L], True for image tokens (class, patch and split tokens)."""
+    def __init__(self, vision_mask: torch.Tensor, mode: str = "index", keep_both: bool = False):
+        """vision_mask: bool [B, L], True for image tokens (class, patch and split tokens).
+
+        keep_both: in a single-modality batch, still call the other copy on zero rows, so that every trainable weight
+        is in the autograd graph (with zero gradient). Data-parallel training needs this: all ranks must reduce the
+        same gradients even when one rank's micro-batch has no image.
+        """
         self.shape = tuple(vision_mask.shape)  # (B, L)
+        self.keep_both = keep_both
         flat = vision_mask.reshape(-1)
         if mode == "blend":
             self.mode = "blend"
@@ -50,10 +56,12 @@ class ModalityRouter:
 
     def __call__(self, text: Module, vision: Module | None, x: torch.Tensor) -> torch.Tensor:
         """Apply `text` to text rows and `vision` to vision rows of the stream `x`; `vision=None` means shared."""
-        if vision is None or self.mode == "text":
+        if vision is None:
             return text(x)
+        if self.mode == "text":
+            return torch.cat([text(x), vision(x[:0])]) if self.keep_both else text(x)
         if self.mode == "vision":
-            return vision(x)
+            return torch.cat([text(x[:0]), vision(x)]) if self.keep_both else vision(x)
         if self.mode == "sorted":
             n = self.num_text
             return torch.cat([text(x[:n]), vision(x[n:])])

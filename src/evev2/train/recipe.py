@@ -1,0 +1,183 @@
+"""Stage recipes: one TOML file per stage, validated on load into typed dataclasses.
+
+Precedence: `key=value` overrides on the command line > the TOML file > the dataclass defaults. Every error names the
+offending field (`data.sources[0].path`), so a malformed recipe fails before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: Trainable parameter groups, selected by role (see `evev2.train.groups`).
+GROUPS = ("patch_embed", "vision", "text", "embeddings")
+
+
+class RecipeError(ValueError):
+    """A recipe field is missing, unknown or of the wrong type; the message names the field."""
+
+
+@dataclass
+class SourceSpec:
+    """One data source. `llava`: a JSON/JSONL list (or index mode); `webdataset`: tar shards."""
+
+    name: str
+    type: Literal["llava", "webdataset"]
+    path: str  # JSON/JSONL file, or a glob of .tar shards
+    weight: float = 1.0  # mixture weight, e.g. synthetic:language-only:web = 1:1:1
+    image_root: str = ""  # folder that image paths are relative to (default: the JSON file's folder)
+
+
+@dataclass
+class ModelSpec:
+    source: str  # a converted LLM folder or the previous stage's export
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+
+
+@dataclass
+class DataSpec:
+    sources: list[SourceSpec]
+    template: Literal["plain", "eve", "chatml"] = "plain"
+    max_size: int = 800  # image resize bound (pixels), see resize_policy
+    resize_policy: str = "max_area"
+    token_budget: int = 2048  # max spliced tokens per packed row (the stage's max length)
+    max_bad_fraction: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class OptimSpec:
+    lr: float  # peak learning rate
+    group_lr: dict[str, float] = field(default_factory=dict)  # per-group overrides, e.g. {patch_embed = 6e-4}
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSpec:
+    trainable: list[str]  # groups from GROUPS
+    steps: int  # optimiser steps of this stage
+    global_batch: int  # samples per optimiser step, summed over ranks
+    micro_batch_rows: int = 4  # packed rows per forward/backward
+    activation_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointSpec:
+    every: int = 0  # steps between checkpoints; 0 = only at the end / on SIGTERM
+    keep_last: int = 2
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    optim: OptimSpec
+    train: TrainSpec
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    output: str = "runs/out"
+
+    def validate(self) -> Recipe:
+        bad = [g for g in self.train.trainable if g not in GROUPS]
+        if bad or not self.train.trainable:
+            raise RecipeError(f"train.trainable: unknown or empty groups {bad}; choose from {list(GROUPS)}")
+        if unknown := set(self.optim.group_lr) - set(GROUPS):
+            raise RecipeError(f"optim.group_lr: unknown groups {sorted(unknown)}; choose from {list(GROUPS)}")
+        for name, value in (("train.steps", self.train.steps), ("train.global_batch", self.train.global_batch),
+                            ("train.micro_batch_rows", self.train.micro_batch_rows),
+                            ("data.token_budget", self.data.token_budget), ("optim.lr", self.optim.lr)):
+            if value <= 0:
+                raise RecipeError(f"{name} must be positive, got {value}")
+        if not 0 <= self.optim.warmup_ratio < 1:
+            raise RecipeError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
+        if not self.data.sources:
+            raise RecipeError("data.sources: at least one source is required")
+        return self
+
+
+def _build(cls: type, value: Any, where: str) -> Any:
+    """Recursively turn TOML values into the dataclass `cls`, checking names and types."""
+    origin, args = typing.get_origin(cls), typing.get_args(cls)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where or 'recipe'}: expected a table, got {type(value).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if unknown := set(value) - set(fields):
+            raise RecipeError(f"{where + '.' if where else ''}{sorted(unknown)[0]}: unknown field "
+                              f"(known: {', '.join(fields)})")
+        kwargs = {}
+        for name, f in fields.items():
+            path = f"{where}.{name}" if where else name
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], path)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(f"{path}: required field is missing")
+        return cls(**kwargs)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a table, got {type(value).__name__}")
+        return {k: _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, cls) or (cls is int and isinstance(value, bool)):
+        raise RecipeError(f"{where}: expected {cls.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `a.b.c=value` overrides in place; values are TOML literals, bare words are strings."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r}: expected key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = table
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part} is not a table")
+        node[leaf] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, type-check and validate a recipe. Relative paths in it are relative to the current folder."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{path}: not valid TOML: {err}") from err
+    apply_overrides(table, overrides or [])
+    try:
+        return _build(Recipe, table, "").validate()
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None

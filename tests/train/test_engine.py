@@ -1,0 +1,157 @@
+"""The staged training engine: freezing by role, export -> next stage, exact resume, FSDP2 == single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evev2.cli import main as cli
+from evev2.train.engine import Trainer
+from evev2.train.recipe import RecipeError, load_recipe
+
+
+def write_recipe(path: Path, source: Path, world: Path, trainable: str, template: str = "plain", steps: int = 4,
+                 extra: str = "") -> Path:
+    data = world / ("train_captions.json" if template == "plain" else "train.json")
+    path.write_text(f"""
+name = "test-{path.stem}"
+output = "{path.parent / ('run-' + path.stem)}"
+[model]
+source = "{source}"
+[data]
+sources = [{{ name = "synth", type = "llava", path = "{data}" }}]
+template = "{template}"
+max_size = 160
+token_budget = 320
+[optim]
+lr = 3e-3
+warmup_ratio = 0.25
+[train]
+trainable = {trainable}
+steps = {steps}
+global_batch = 8
+micro_batch_rows = 2
+{extra}
+""")
+    return path
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, tiny_vlm_dir, tiny_world_dir) -> Path:
+    """A stage-1 run (patch embedding only), shared by the tests that build on its export."""
+    root = tmp_path_factory.mktemp("stage1")
+    recipe = write_recipe(root / "stage1.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed"]')
+    assert cli(["train", "--recipe", str(recipe), "--output", str(root / "run")]) == root / "run" / "export"
+    return root / "run"
+
+
+def test_stage1_changes_only_the_patch_embedding(stage1, tiny_vlm_dir):
+    diff = changed(weights(tiny_vlm_dir), weights(stage1 / "export"))
+    assert diff and all(k.startswith("model.patch_embed.") for k in diff), sorted(diff)
+    assert len(losses(stage1)) == 4 and (stage1 / "loss_curve.png").stat().st_size > 0
+    assert [p.name for p in sorted((stage1 / "checkpoints").glob("step-*"))] == ["step-00000004"]
+
+
+def test_stage2_1_from_stage1_export_changes_patch_embedding_and_vision_copies(stage1, tiny_world_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "stage21.toml", stage1 / "export", tiny_world_dir, '["patch_embed", "vision"]',
+                          steps=2)
+    cli(["train", "--recipe", str(recipe), "--output", str(tmp_path / "run")])
+    before, after = weights(stage1 / "export"), weights(tmp_path / "run" / "export")
+    diff = changed(before, after)
+    assert any(".vision_" in k for k in diff) and any(k.startswith("model.patch_embed.") for k in diff)
+    assert all(".vision_" in k or k.startswith("model.patch_embed.") for k in diff), sorted(diff)
+    # the whole model (stage 2.2 style, chat template) trains from that export too
+    recipe = write_recipe(tmp_path / "stage22.toml", tmp_path / "run" / "export", tiny_world_dir,
+                          '["patch_embed", "vision", "text", "embeddings"]', template="eve", steps=1)
+    cli(["train", "--recipe", str(recipe), "--output", str(tmp_path / "run22")])
+    assert any(".vision_" not in k and "patch_embed" not in k
+               for k in changed(after, weights(tmp_path / "run22" / "export")))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=5,
+                          extra="[checkpoint]\nevery = 1\nkeep_last = 2")
+    Trainer(load_recipe(recipe), tmp_path / "ref", show_progress=False).train()
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output",
+                             str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoints" / "step-00000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "training subprocess ended before step 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    Trainer(load_recipe(recipe), tmp_path / "killed", resume=True, show_progress=False).train()
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # bit-exact on CPU
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2
+
+
+class _TermAfterTwo(Trainer):
+    def train_step(self):
+        metrics = super().train_step()
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed"]', steps=4)
+    assert _TermAfterTwo(load_recipe(recipe), tmp_path / "run", show_progress=False).train() is None
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000002"]
+    assert not (tmp_path / "run" / "export").exists()
+    Trainer(load_recipe(recipe), tmp_path / "run", resume=True, show_progress=False).train()
+    assert len(losses(tmp_path / "run")) == 4 and (tmp_path / "run" / "export" / "config.json").exists()
+
+
+def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision", "text"]',
+                          steps=3)
+    Trainer(load_recipe(recipe), tmp_path / "one", show_progress=False).train()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output", str(tmp_path / "two")],
+                   env=env, check=True, capture_output=True, timeout=300)
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(weights(tmp_path / "two" / "export"), weights(tmp_path / "one" / "export"),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("trainable = [\"patch_embed\"]", "trainable = [\"vison\"]"), "train.trainable"),
+    (("lr = 3e-3", "lr = \"fast\""), "optim.lr: expected float"),
+    (("steps = 4", "steps = 4\nbatch = 3"), "train.batch: unknown field"),
+    (("[optim]\n", "[optim]\nbetas = [0.9, \"x\"]\n"), "optim.betas[1]"),
+    (("source = ", "sauce = "), "model.sauce: unknown field"),
+])
+def test_malformed_recipe_names_the_field(tmp_path, tiny_world_dir, edit, message):
+    recipe = write_recipe(tmp_path / "r.toml", Path("x"), tiny_world_dir, '["patch_embed"]')
+    recipe.write_text(recipe.read_text().replace(*edit, 1))
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(recipe)
+
+
+def test_overrides_and_shipped_recipes_parse():
+    for path in sorted(Path("recipes").rglob("*.toml")):
+        recipe = load_recipe(path, ["train.steps=7", "optim.group_lr.patch_embed=1e-3"])
+        assert recipe.train.steps == 7 and recipe.optim.group_lr["patch_embed"] == 1e-3
