@@ -152,6 +152,22 @@ def test_malformed_recipe_names_the_field(tmp_path, tiny_world_dir, edit, messag
 
 
 def test_overrides_and_shipped_recipes_parse():
-    for path in sorted(Path("recipes").rglob("*.toml")):
+    paths = sorted(Path("recipes").rglob("*.toml"))
+    assert len(paths) >= 5
+    for path in paths:
         recipe = load_recipe(path, ["train.steps=7", "optim.group_lr.patch_embed=1e-3"])
         assert recipe.train.steps == 7 and recipe.optim.group_lr["patch_embed"] == 1e-3
+
+
+@pytest.mark.parametrize("stage,trainable,lr,batch,max_size,length", [
+    ("stage1", ["patch_embed"], 2e-4, 1024, 800, 2048),
+    ("stage2_1", ["patch_embed", "vision"], 1e-4, 1024, 800, 2048),
+    ("stage2_1_hd", ["patch_embed", "vision"], 5e-5, 1024, 1600, 4096),
+    ("stage2_2", ["patch_embed", "vision", "text", "embeddings"], 2e-5, 512, 1600, 4096),
+    ("stage3", ["patch_embed", "vision", "text", "embeddings"], 1e-5, 512, 1600, 5000),
+])
+def test_paper_recipes_match_the_official_stage_table(stage, trainable, lr, batch, max_size, length):
+    r = load_recipe(Path("recipes/paper") / f"{stage}.toml")
+    assert (r.train.trainable, r.optim.lr, r.train.global_batch, r.data.max_size, r.data.token_budget) == (
+        trainable, lr, batch, max_size, length)
+    assert (r.optim.warmup_ratio, r.optim.weight_decay, r.model.dtype) == (0.03, 0.0, "bfloat16")

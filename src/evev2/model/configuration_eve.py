@@ -24,6 +24,8 @@ class EVEConfig(Qwen2Config):
     modality_split (`list[str]`): which modules get a vision copy, any subset of `("norm", "attn", "mlp")`.
         `[]` is EVEv1.0 (all shared), `["mlp"]` EVEv1.5, all three EVEv2.0 (the default).
     attention_bias (`bool`, defaults to True): bias on q/k/v, as in Qwen2.
+    loss_chunk_rows (`int`, defaults to 1024): supervised rows per LM-head chunk in the training loss (their logits are
+        recomputed in backward, so the full `[rows, vocab]` logits never exist at once); 0 disables chunking.
     routing (`str`, defaults to "index"): "index" runs each token through exactly one copy; "blend" is the official
         formulation (both copies on every token, mixed by a float mask), kept as a numerical oracle and benchmark baseline.
     """
@@ -37,6 +39,7 @@ class EVEConfig(Qwen2Config):
     modality_split: list[str] | tuple[str, ...] = ROUTABLE_MODULES
     attention_bias: bool = True
     routing: str = "index"
+    loss_chunk_rows: int = 1024
 
     def __post_init__(self, **kwargs):
         unknown = set(self.modality_split) - set(ROUTABLE_MODULES)

@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -28,6 +27,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from evev2.model.configuration_eve import EVEConfig
+from evev2.model.loss import linear_cross_entropy_sum
 from evev2.model.patch_embed import EVEPatchEmbedding
 from evev2.model.routing import ModalityRouter
 from evev2.model.splice import IGNORE_INDEX, SplicedInputs, is_left_padded, positions_from_segments, splice_images
@@ -290,10 +290,8 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
         keep = targets != IGNORE_INDEX
         if attention_mask is not None and attention_mask.shape == labels.shape:
             keep &= attention_mask[:, 1:] == attention_mask[:, :-1]
-        h = hidden[:, :-1][keep]  # (M, D)
-        logits = self.lm_head(h)  # (M, V): only M supervised rows, never image rows
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 softmax under bf16
-        total = F.cross_entropy(logits, targets[keep], reduction="sum")
+        h = hidden[:, :-1][keep]  # (M, D): only supervised rows reach the LM head, never image rows
+        total = linear_cross_entropy_sum(h, self.lm_head.weight, targets[keep], self.config.loss_chunk_rows)
         denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
         return total / denom
 

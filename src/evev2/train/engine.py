@@ -88,7 +88,7 @@ def build_sources(recipe: Recipe, builder: SampleBuilder, stats: DataStats) -> l
     for spec in recipe.data.sources:
         if spec.type == "llava":
             sources.append(LlavaJsonSource(spec.name, spec.path, builder, stats, image_root=spec.image_root or None,
-                                           seed=recipe.data.seed))
+                                           json_root=spec.json_root or None, seed=recipe.data.seed))
         else:
             shards = sorted(glob.glob(spec.path))
             if not shards:
@@ -112,8 +112,12 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.compute_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
                               "bfloat16": torch.bfloat16}[recipe.model.dtype]
+        attention = recipe.model.attn_implementation
+        if attention == "auto":  # packed rows need a block-causal mask; SDPA with a boolean mask is slow on GPU
+            attention = "flex_attention" if cuda else "sdpa"
+        log.info("attention: %s over packed rows (block-causal, one sample never attends to another)", attention)
         model = EVEForCausalLM.from_pretrained(recipe.model.source, dtype=torch.float32,  # fp32 master weights
-                                               attn_implementation=recipe.model.attn_implementation)
+                                               attn_implementation=attention)
         trainable = freeze_except(model, train.trainable)
         model.to(self.device).train()
         self.model = parallelize(model, self.device, self.compute_dtype, train.activation_checkpointing)

@@ -35,13 +35,15 @@ class SourceSpec:
     path: str  # JSON/JSONL file, or a glob of .tar shards
     weight: float = 1.0  # mixture weight, e.g. synthetic:language-only:web = 1:1:1
     image_root: str = ""  # folder that image paths are relative to (default: the JSON file's folder)
+    json_root: str = ""  # index mode: folder of the per-sample JSON files (default: the index file's folder)
 
 
 @dataclass
 class ModelSpec:
     source: str  # a converted LLM folder or the previous stage's export
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    # auto: FlexAttention with a block-causal (packed) mask on GPU, SDPA with a boolean block mask on CPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
 
 
 @dataclass
