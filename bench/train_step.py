@@ -1,0 +1,108 @@
+"""A full training step (forward, backward, AdamW) of our EVEv2 against HF's Qwen2 on the same tokens, on CPU.
+
+Each sample is one 512x640 image (337 tokens) plus 80 supervised text tokens, so ~80% of the tokens are image tokens,
+as in the GPU anchor of issue 9. Three models of the same dims, each in its own process for an honest peak-memory read:
+* dense Qwen2 (HF `Qwen2ForCausalLM` on `inputs_embeds`, full-vocabulary logits, HF loss);
+* ours: index-routed EVEv2.0, LM head on supervised tokens only;
+* the official formulation: mask-blend routing (both copies on every token) and full fp32 logits on every position.
+Peak memory is the growth of the process's peak RSS over the training steps (weights and the first allocations excluded).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, median_seconds, print_table  # noqa: E402
+
+DIMS = dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+BATCH, IMAGE_HW, TEXT = 2, (512, 640), 80
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def build(kind: str):
+    """The model's training step as a closure over fixed inputs (same tokens for every kind)."""
+    torch.manual_seed(0)
+    from evev2.model import EVEConfig, EVEForCausalLM
+
+    ids = torch.randint(0, DIMS["vocab_size"], (BATCH, TEXT + 1))
+    ids[:, 0] = -200  # the image first, then the text
+    labels = ids.clone()
+    labels[:, 0] = -100
+    images = [torch.randn(3, *IMAGE_HW) for _ in range(BATCH)]
+    if kind == "dense":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(Qwen2Config(**DIMS))
+        helper = EVEForCausalLM(EVEConfig(**DIMS, patch_hidden_size=128))  # only to build the same spliced inputs
+        s = helper.model.embed_inputs(ids, images, labels=labels)
+        embeds, spliced_labels = s.inputs_embeds.detach(), s.labels
+        del helper
+        call = lambda: model(inputs_embeds=embeds, labels=spliced_labels).loss  # noqa: E731
+    else:
+        config = EVEConfig(**DIMS, patch_hidden_size=128, routing="index" if kind == "ours" else "blend")
+        model = EVEForCausalLM(config)
+        if kind == "ours":
+            call = lambda: model(input_ids=ids, images=images, labels=labels).loss  # noqa: E731
+        else:  # the official path: logits for every position in fp32, then the shifted loss
+            spliced = model.model.embed_inputs(ids, images, labels=labels).labels
+
+            def call():
+                logits = model(input_ids=ids, images=images).logits.float()
+                return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), spliced[:, 1:].flatten())
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        call().backward()
+        opt.step()
+
+    return step
+
+
+def _peak_memory(kind: str, queue) -> None:
+    step = build(kind)
+    step()
+    before = _rss_mb()
+    for _ in range(2):
+        step()
+    queue.put(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before, 0.0))
+
+
+KINDS = {"dense": "dense Qwen2 (HF)", "ours": "EVEv2 ours", "official": "EVEv2 official formulation"}
+
+
+def main(repeats: int = 5) -> list[list[object]]:
+    ctx = mp.get_context("fork")
+    memory = {}
+    for kind in KINDS:  # one fresh process per model, so that one's peak does not hide another's
+        q = ctx.Queue()
+        p = ctx.Process(target=_peak_memory, args=(kind, q))
+        p.start()
+        memory[kind] = q.get()
+        p.join()
+    seconds = median_seconds({kind: build(kind) for kind in KINDS}, repeats)
+    tokens = BATCH * (1 + (IMAGE_HW[0] // 32) * (IMAGE_HW[1] // 32 + 1) + TEXT)
+    d = seconds["dense"]
+    rows = [[KINDS[k], seconds[k] * 1e3, tokens / seconds[k], d / seconds[k], memory[k], memory[k] / memory["dense"]]
+            for k in KINDS]
+    print_table(f"train_step: fwd+bwd+AdamW, {BATCH} samples x ({IMAGE_HW[0]}x{IMAGE_HW[1]} image + {TEXT} text tokens), "
+                f"hidden 256, 4 layers, vocab 32000 [{machine()}]",
+                ["model", "ms/step", "tokens/s", "tokens/s vs dense", "peak RSS growth MB", "memory vs dense"], rows)
+    print(f"\nours vs the official formulation: {seconds['official'] / seconds['ours']:.2f}x faster per step, "
+          f"{memory['official'] / max(memory['ours'], 1e-9):.2f}x less peak memory")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
