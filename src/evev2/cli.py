@@ -19,12 +19,15 @@ from typing import Any, Callable
 
 # command words -> ("module:function", one-line help). Keep sorted by command.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("chat",): ("evev2.infer.chat:chat_cli", "chat with a model folder, one-shot or interactive (streams tokens)"),
     ("convert", "llm"): ("evev2.model.convert:convert_llm_cli", "Qwen2-family LLM folder -> EVEv2 model folder"),
     ("convert", "official"): ("evev2.model.convert:convert_official_cli", "official EVEv2 checkpoint <-> ours"),
     ("data", "synth"): ("evev2.data.synth:synth_cli", "render the synthetic world (LLaVA JSON, WebDataset, text)"),
+    ("demo",): ("evev2.demo.pipeline:demo_cli", "train a tiny EVEv2 end to end on the synthetic world (CPU) and evaluate it"),
     ("eval", "report"): ("evev2.eval.commands:report_cli", "tasks x models table from result folders"),
     ("eval", "run"): ("evev2.eval.run:run_cli", "run a model on a benchmark (resumable, torchrun-aware) and score it"),
     ("eval", "score"): ("evev2.eval.commands:score_cli", "score a predictions JSONL on a benchmark"),
+    ("serve",): ("evev2.serve.cli:serve_cli", "OpenAI-compatible HTTP server with dynamic batching and a web page"),
     ("train",): ("evev2.train.engine:train_cli", "train one stage from a TOML recipe"),
 }
 
@@ -123,5 +126,10 @@ def main(argv: list[str] | None = None) -> Any:
     return fn(**kwargs)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The `evev2` console script: commands return values for in-process callers, not exit codes."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

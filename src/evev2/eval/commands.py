@@ -35,15 +35,37 @@ def score_cli(task: str | None = None, annotations: Path | None = None, predicti
     predictions = Path(predictions)
     document = metrics_document(task, model or predictions.resolve().parent.parent.name, benchmark.headline,
                                 metrics, annotations=str(annotations), predictions=str(predictions))
-    output = Path(output) if output is not None else predictions.with_name("metrics.json")
+    save_and_print_metrics(document, Path(output) if output is not None else predictions.with_name("metrics.json"))
+    return document
+
+
+def format_metrics(document: dict[str, Any]) -> str:
+    """Human-readable metrics: the headline, then a per-type table (accuracy beside chance) for tasks that report
+    chance levels (`synth`), then every other metric on its own line."""
+    metrics = document["metrics"]
+    lines = [f"{document['task']} ({document['model']}): {document['headline']} = "
+             f"{metrics[document['headline']]:.2f}"]
+    types = [key.removesuffix("/chance") for key in metrics if key.endswith("/chance")]
+    if types:
+        width = max(len("type"), *map(len, types))
+        lines.append(f"  {'type':<{width}}  accuracy  chance  count")
+        lines += [f"  {kind:<{width}}  {metrics[f'{kind}/accuracy']:8.2f}  {metrics[f'{kind}/chance']:6.2f}  "
+                  f"{metrics[f'{kind}/count']:5d}" for kind in types]
+    tabled = {f"{kind}/{column}" for kind in types for column in ("accuracy", "chance", "count")}
+    rest = {key: value for key, value in metrics.items() if key not in tabled}
+    width = max(map(len, rest), default=0)
+    lines += [f"  {key:<{width}}  {value:.2f}" if isinstance(value, float) else f"  {key:<{width}}  {value}"
+              for key, value in rest.items()]
+    return "\n".join(lines)
+
+
+def save_and_print_metrics(document: dict[str, Any], output: Path) -> None:
+    """Write a metrics.json document (the layout `eval report` reads) and print it; `eval run` and `eval score`
+    share this so that their outputs can be compared line by line."""
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    width = max(len(key) for key in metrics)
-    print(f"{task} ({document['model']}): {benchmark.headline} = {metrics[benchmark.headline]:.2f}")
-    for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:.2f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    print(format_metrics(document))
     print(f"wrote {output}")
-    return document
 
 
 def report_cli(dirs: list[Path], out_prefix: Path = Path("eval_report")) -> dict[str, Any]:

@@ -1,0 +1,208 @@
+"""`evev2 eval run`: ask a model every question of a benchmark, then score the answers.
+
+The prompts and the scoring both come from the task registry (`evev2.eval.tasks`), and generation goes through the
+one inference path (`InferenceEngine`), so a number printed here is the number `evev2 eval score` gives for the same
+predictions file. Predictions are appended as they are produced, so a killed run resumes where it stopped. Under
+`torchrun` every rank answers a strided shard into its own file and rank 0 merges them and scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Collection, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from evev2.eval.commands import save_and_print_metrics
+from evev2.eval.predictions import PredictionWriter, read_predictions
+from evev2.eval.records import MAX_BAD_FRACTION, check_bad_fraction
+from evev2.eval.report import metrics_document
+from evev2.eval.tasks import EvalItem, get_task, load_items
+from evev2.infer.engine import GenerationRequest, GenerationResult, InferenceEngine
+from evev2.infer.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_NAME = "predictions.jsonl"
+METRICS_NAME = "metrics.json"
+
+Generate = Callable[[list[GenerationRequest]], list[GenerationResult]]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the questions: items `rank`, `rank + world_size`, ... (strided, so every rank gets
+    a similar mix of question types and lengths)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def take(self, items: Sequence[EvalItem]) -> list[EvalItem]:
+        return list(items[self.rank::self.world_size])
+
+    def predictions_path(self, run_dir: Path) -> Path:
+        """A single process writes the final file directly; ranks write their own and rank 0 merges."""
+        return run_dir / (PREDICTIONS_NAME if self.world_size == 1 else f"predictions.rank{self.rank}.jsonl")
+
+
+def item_request(item: EvalItem, max_new_tokens: int) -> GenerationRequest:
+    """One user turn: the item's images (as `image` parts, the template places them) and its prompt text."""
+    content = [{"type": "image"} for _ in item.image_paths] + [{"type": "text", "text": item.prompt_text}]
+    return GenerationRequest(messages=[{"role": "user", "content": content}], images=list(item.image_paths),
+                             max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+class _SkipCounter:
+    """Questions that could not be asked (corrupt or missing image, prompt too long): logged, counted, and the run
+    fails as soon as they exceed `max_fraction` of the shard, rather than after hours of a broken run."""
+
+    def __init__(self, total: int, max_fraction: float) -> None:
+        self.total, self.max_fraction, self.count = total, max_fraction, 0
+
+    def skip(self, item: EvalItem, error: Exception) -> None:
+        self.count += 1
+        logger.warning("skipped question %s: %s", item.question_id, error)
+        check_bad_fraction(self.count, self.total, "questions (could not be asked)", self.max_fraction)
+
+
+def _answer_batch(generate: Generate, batch: list[EvalItem], max_new_tokens: int, skips: _SkipCounter
+                  ) -> list[tuple[EvalItem, GenerationResult]]:
+    """Answers for a batch; when the engine refuses the batch (a bad image or an over-long prompt in it), each
+    question is retried alone so that only the bad ones are lost."""
+    try:
+        return list(zip(batch, generate([item_request(item, max_new_tokens) for item in batch]), strict=True))
+    except InvalidRequestError as error:
+        if len(batch) == 1:
+            skips.skip(batch[0], error)
+            return []
+    return [pair for item in batch for pair in _answer_batch(generate, [item], max_new_tokens, skips)]
+
+
+def answer_items(generate: Generate, items: Sequence[EvalItem], predictions: Path, batch_size: int = 8,
+                 max_new_tokens: int = 128, finished: Collection[str] = (), show_progress: bool = True,
+                 max_bad_fraction: float = MAX_BAD_FRACTION) -> int:
+    """Append an answer for every item not yet in `predictions` (nor in `finished`); returns how many were skipped.
+
+    Each answer is flushed as soon as its batch returns, so an interruption loses at most one batch of work.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with PredictionWriter(predictions) as writer:
+        pending = [item for item in items if not writer.done(item.question_id) and item.question_id not in finished]
+        skips = _SkipCounter(len(items), max_bad_fraction)
+        with tqdm(total=len(items), initial=len(items) - len(pending), desc="answering", unit="q",
+                  disable=not show_progress) as progress:
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start:start + batch_size]
+                for item, result in _answer_batch(generate, batch, max_new_tokens, skips):
+                    writer.write(item.question_id, result.text, finish_reason=result.finish_reason,
+                                 completion_tokens=result.completion_tokens)
+                progress.update(len(batch))
+    return skips.count
+
+
+def merge_rank_predictions(run_dir: Path, world_size: int) -> Path:
+    """Fold every rank's file into `predictions.jsonl` (kept across reruns; an id already there is not repeated)."""
+    merged = run_dir / PREDICTIONS_NAME
+    with PredictionWriter(merged) as writer:
+        for rank in range(world_size):
+            path = Shard(rank, world_size).predictions_path(run_dir)
+            if not path.exists():
+                raise FileNotFoundError(f"rank {rank} wrote no predictions ({path} is missing)")
+            for question_id, text in read_predictions(path).items():
+                if not writer.done(question_id):
+                    writer.write(question_id, text)
+    return merged
+
+
+def run_benchmark(generate: Generate, model_name: str, task: str, data: Path, questions: Path | None = None,
+                  image_root: Path | None = None, limit: int | None = None, batch_size: int = 8,
+                  output: Path = Path("eval_results"), max_new_tokens: int = 128, shard: Shard = Shard(),
+                  barrier: Callable[[], None] = lambda: None) -> dict[str, Any] | None:
+    """Answer this shard's questions, then (on rank 0, after `barrier`) merge, score and write metrics.json.
+
+    Returns the metrics document on rank 0 and None on the other ranks.
+    """
+    benchmark = get_task(task)
+    data = Path(data)
+    # Question files name their images relative to their own folder (our synth world) unless told otherwise.
+    items = load_items(benchmark, data, questions, image_root if image_root is not None else data.parent)
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"{data} holds no {task} questions")
+    run_dir = Path(output) / model_name / task
+    merged = run_dir / PREDICTIONS_NAME
+    finished = set(read_predictions(merged)) if shard.world_size > 1 and merged.exists() else set()
+    skipped = answer_items(generate, shard.take(items), shard.predictions_path(run_dir), batch_size, max_new_tokens,
+                           finished, show_progress=shard.rank == 0)
+    if skipped:
+        logger.warning("rank %d: %d questions could not be asked; a rerun retries them", shard.rank, skipped)
+    barrier()
+    if shard.rank != 0:
+        return None
+    if shard.world_size > 1:
+        merge_rank_predictions(run_dir, shard.world_size)
+    metrics = benchmark.score(items, read_predictions(merged))
+    sources = {"annotations": str(data), "predictions": str(merged)}
+    if questions is not None:
+        sources["questions"] = str(questions)
+    if limit is not None:
+        sources["limit"] = str(limit)
+    document = metrics_document(task, model_name, benchmark.headline, metrics, **sources)
+    save_and_print_metrics(document, run_dir / METRICS_NAME)
+    return document
+
+
+def _join_process_group() -> bool:
+    """Join the `torchrun` process group that the environment describes (gloo on CPU, NCCL on GPUs); True when this
+    call created it (and so must destroy it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def run_cli(*, model: Path, task: str, data: Path, questions: Path | None = None, image_root: Path | None = None,
+            limit: int | None = None, batch_size: int = 8, output: Path = Path("eval_results"),
+            max_new_tokens: int = 128, device: str | None = None, dtype: str | None = None
+            ) -> dict[str, Any] | None:
+    """Run a model on a benchmark (batched greedy decoding, resumable), then score it like `evev2 eval score`.
+
+    Writes OUTPUT/<model folder name>/<task>/predictions.jsonl and metrics.json. Under torchrun each rank answers a
+    strided shard (predictions.rank<r>.jsonl) and rank 0 merges and scores.
+
+    Args:
+        model: EVEv2 model folder (weights + processor files).
+        task: benchmark name: vqav2, gqa, textvqa, chartqa, ocrbench, scienceqa_img, mmbench, seed_image, ai2d,
+            pope, mme or synth.
+        data: annotation file (.jsonl, .json, .tsv, or .parquet when pyarrow is installed).
+        questions: optional LLaVA question JSONL, joined with the annotations on question_id.
+        image_root: folder the records' image paths are relative to (and where embedded images are written);
+            default the data file's folder.
+        limit: only the first N questions (after MMBench's rotations are added).
+        batch_size: questions per generate call.
+        output: results folder.
+        max_new_tokens: answer length cap.
+        device: e.g. cpu, cuda, cuda:1; default cuda when available (each torchrun rank uses its LOCAL_RANK GPU).
+        dtype: float32, bfloat16 or float16; default bfloat16 on GPU, float32 on CPU.
+    """
+    get_task(task)  # an unknown task fails before the model is loaded
+    created_group = _join_process_group()
+    shard = Shard(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Shard()
+    if device is None and shard.world_size > 1 and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', shard.rank)}"
+        torch.cuda.set_device(device)  # NCCL's barrier runs on the current device
+    engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype)
+    try:
+        return run_benchmark(engine.generate, Path(model).resolve().name, task, data, questions, image_root, limit,
+                             batch_size, output, max_new_tokens, shard,
+                             barrier=dist.barrier if shard.world_size > 1 else lambda: None)
+    finally:
+        if created_group:
+            dist.destroy_process_group()

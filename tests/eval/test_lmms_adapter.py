@@ -1,0 +1,165 @@
+"""Continuation log-likelihood (always) and the lmms-eval model class (only where lmms-eval is installed).
+
+lmms-eval is an optional extra with heavy dependencies; its tests are skipped when `lmms_eval` cannot be imported.
+To run them without installing its dependency tree:
+`pip install --no-deps --target /tmp/lmms_site lmms-eval loguru pytz pyyaml` and `PYTHONPATH=/tmp/lmms_site pytest ...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evev2.eval.likelihood import continuation_logprob
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_eve_chat_dir):
+    from evev2.data.processor import EVEProcessor
+    from evev2.model import EVEForCausalLM
+
+    model = EVEForCausalLM.from_pretrained(tiny_eve_chat_dir, dtype=torch.float64).eval()
+    return model, EVEProcessor.from_pretrained(tiny_eve_chat_dir)
+
+
+def noise_image(seed: int, height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def user(text: str, num_images: int):
+    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_logprob_matches_the_model_loss(model_and_processor, num_images):
+    """Reference: the model's own supervised loss (mean cross-entropy over the continuation tokens) x count."""
+    model, processor = model_and_processor
+    images = [noise_image(i, 64, 32 + 16 * i) for i in range(num_images)]
+    messages, continuation = user("Which colour is the square?", num_images), " dark blue"
+    logprob, _ = continuation_logprob(model, processor, messages, images, continuation)
+
+    prompt_ids = processor(processor.apply_chat_template(messages), images=images or None)["input_ids"][0]
+    target = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    input_ids = torch.cat([prompt_ids, torch.tensor(target)]).unsqueeze(0)
+    labels = torch.cat([torch.full_like(prompt_ids, -100), torch.tensor(target)]).unsqueeze(0)
+    pixels = [p.double() for p in processor.image_processor(images)["pixel_values"]] if images else None
+    loss = model(input_ids=input_ids, images=pixels, labels=labels).loss
+    assert logprob < 0
+    assert logprob == pytest.approx(-loss.item() * len(target), rel=1e-10)
+
+
+def test_greedy_flag(model_and_processor):
+    model, processor = model_and_processor
+    images = [noise_image(5, 48, 48)]
+    messages = user("What is shown?", 1)
+    encoded = processor(processor.apply_chat_template(messages), images=images)
+    with torch.no_grad():
+        logits = model(input_ids=encoded["input_ids"], images=[p.double() for p in encoded["images"]],
+                       logits_to_keep=1).logits[0, -1]
+    ranked = logits.argsort(descending=True).tolist()
+
+    def round_trips(token: int) -> bool:
+        text = processor.tokenizer.decode([token])
+        return processor.tokenizer(text, add_special_tokens=False)["input_ids"] == [token]
+
+    # The model's favourite next token, and its least favourite one that survives decode/encode as one token.
+    best, worst = ranked[0], next(t for t in reversed(ranked) if round_trips(t))
+    assert round_trips(best), "the test needs the argmax token to survive decode/encode"
+    best_logprob, best_greedy = continuation_logprob(model, processor, messages, images,
+                                                     processor.tokenizer.decode([best]))
+    worst_logprob, worst_greedy = continuation_logprob(model, processor, messages, images,
+                                                       processor.tokenizer.decode([worst]))
+    assert best_greedy and not worst_greedy
+    assert best_logprob == pytest.approx(torch.log_softmax(logits, -1)[best].item(), rel=1e-10)
+    assert worst_logprob < best_logprob
+
+
+def test_empty_continuation_is_refused(model_and_processor):
+    with pytest.raises(ValueError, match="empty"):
+        continuation_logprob(*model_and_processor, user("Hi", 0), [], "")
+
+
+# ---------------------------------------------------------------- lmms-eval (optional)
+
+
+@pytest.fixture(scope="module")
+def lmms_eval():
+    return pytest.importorskip("lmms_eval.api.instance", reason="lmms-eval (optional extra [lmms]) not installed")
+
+
+@pytest.fixture(scope="module")
+def adapter(lmms_eval, tiny_eve_chat_dir):
+    from evev2.eval.lmms_eval_adapter import EVEv2
+
+    model = EVEv2.create_from_arg_string(f"pretrained={tiny_eve_chat_dir},device=cpu,dtype=float64",
+                                         {"batch_size": "2", "device": None})
+    docs = [{"image": noise_image(i, 32 + 16 * (i % 3), 64)} for i in range(5)]
+    model.task_dict = {"gqa": {"test": docs}}
+    return model
+
+
+def doc_to_visual(doc):
+    return [doc["image"]]
+
+
+def instance(lmms_eval, request_type, arguments, doc_id):
+    return lmms_eval.Instance(request_type=request_type, arguments=arguments, idx=0,
+                              metadata={"task": "gqa", "doc_id": doc_id, "repeats": 1})
+
+
+def test_entry_point_resolves_to_the_adapter(lmms_eval):
+    import tomllib  # Python >= 3.11
+
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    from evev2.eval.lmms_eval_adapter import EVEv2, lmms_eval_manifest
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    assert declared == {"evev2": "evev2.eval.lmms_eval_adapter:lmms_eval_manifest"}
+    registry = ModelRegistryV2()
+    registry.register_manifest(lmms_eval_manifest())
+    assert registry.get_model_class("evev2") is EVEv2  # also checks: an lmms subclass, simple
+
+
+def test_generate_until_equals_the_engine_in_original_order(lmms_eval, adapter):
+    from evev2.infer.engine import GenerationRequest
+
+    greedy = {"until": ["\n\n"], "max_new_tokens": 3, "do_sample": False, "temperature": 0}
+    shorter = {"until": "ASSISTANT", "max_new_tokens": 2, "num_beams": 1}
+    kwargs = [greedy, shorter, greedy, greedy, shorter]
+    stops = [["\n\n"], ["ASSISTANT"], ["\n\n"], ["\n\n"], ["ASSISTANT"]]
+    requests = [instance(lmms_eval, "generate_until", (f"Question {i}?", dict(kwargs[i]), doc_to_visual, i, "gqa",
+                                                       "test"), i) for i in range(5)]
+    answers = adapter.generate_until(requests)
+    docs = adapter.task_dict["gqa"]["test"]
+    for i, answer in enumerate(answers):
+        alone = GenerationRequest(messages=user(f"Question {i}?", 1), images=[docs[i]["image"]],
+                                  max_new_tokens=kwargs[i]["max_new_tokens"], stop=stops[i])
+        assert answer == adapter.engine.generate([alone])[0].text
+
+
+def test_beam_search_is_refused(lmms_eval, adapter):
+    request = instance(lmms_eval, "generate_until", ("Q?", {"num_beams": 3}, doc_to_visual, 0, "gqa", "test"), 0)
+    with pytest.raises(ValueError, match="num_beams"):
+        adapter.generate_until([request])
+
+
+def test_loglikelihood_requests(lmms_eval, adapter):
+    docs = adapter.task_dict["gqa"]["test"]
+    conditional = instance(lmms_eval, "loglikelihood", ("Is it red?", " yes", doc_to_visual, 1, "gqa", "test"), 1)
+    by_target = instance(lmms_eval, "loglikelihood", ("Is it red?", lambda doc: " no", doc_to_visual, 1, "gqa",
+                                                      "test"), 1)
+    unconditional = instance(lmms_eval, "loglikelihood", ("", " yes"), 1)
+    results = adapter.loglikelihood([conditional, by_target, unconditional])
+    model, processor = adapter.engine.model, adapter.engine.processor
+    assert results[0] == continuation_logprob(model, processor, user("Is it red?", 1), [docs[1]["image"]], " yes")
+    assert results[1] == continuation_logprob(model, processor, user("Is it red?", 1), [docs[1]["image"]], " no")
+    assert results[2] == continuation_logprob(model, processor, user("", 0), [], " yes")
+    assert all(isinstance(logprob, float) and logprob < 0 and isinstance(greedy, bool)
+               for logprob, greedy in results)
