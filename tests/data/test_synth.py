@@ -220,7 +220,7 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
     write_world(tmp_path / "b", 40, seed=3)
     write_world(tmp_path / "c", 40, seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
-    assert a == b and len(a) == 40 + 5
+    assert a == b and len(a) == 40 + 6  # images + json, captions, questions, text, manifest, one shard
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in ("train.json", "train_text.txt"))
 
 
@@ -254,3 +254,13 @@ def test_cli_writes_llava_json_webdataset_and_text(tmp_path):
     held = json.loads((out / "heldout.json").read_text())
     assert len(held) == 30 and held[0]["id"] == "synth-heldout-000000" and held[0]["caption"] != first["caption"]
     assert len(json.loads((out / "train.json").read_text())) == 200  # the other split is untouched
+
+
+def test_caption_pairs_file_feeds_the_plain_template(tmp_path):
+    write_world(tmp_path, 12, seed=1, level=2)
+    records = json.loads((tmp_path / "train.json").read_text())
+    pairs = json.loads((tmp_path / "train_captions.json").read_text())
+    assert [p["image"] for p in pairs] == [r["image"] for r in records]
+    for pair, record in zip(pairs, records):
+        human, gpt = pair["conversations"]
+        assert human == {"from": "human", "value": "<image>"} and gpt == {"from": "gpt", "value": record["caption"]}
