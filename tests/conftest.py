@@ -96,3 +96,11 @@ def tiny_eve_chat_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
     model.save_pretrained(path)
     EVEProcessor(tokenizer, EVEImageProcessor(max_size=64), template="eve").save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_engine(tiny_eve_chat_dir):
+    """`InferenceEngine` on `tiny_eve_chat_dir` in float64, so batched and one-at-a-time results are exactly equal."""
+    from evev2.infer import InferenceEngine
+
+    return InferenceEngine.from_pretrained(tiny_eve_chat_dir, device="cpu", dtype="float64")

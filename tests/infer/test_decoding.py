@@ -1,0 +1,111 @@
+"""Per-row decoding with the real Qwen tokenizer: deltas, stop strings across token boundaries, UTF-8, EOS, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from evev2.infer.decoding import PerRowSampling, RowControl, RowDecoder, RowStoppingCriteria
+
+IM_END = 151645
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+def feed(tokenizer, text: str, stop=(), max_new_tokens=1000, eos=(IM_END,), extra_ids=()) -> tuple[RowDecoder, list]:
+    deltas: list[str] = []
+    decoder = RowDecoder(tokenizer, set(eos), max_new_tokens, list(stop), RowControl(on_delta=deltas.append))
+    for token in tokenizer.encode(text, add_special_tokens=False) + list(extra_ids):
+        decoder.push(token)
+    return decoder, deltas
+
+
+def test_deltas_concatenate_to_the_text_and_split_no_character(tokenizer):
+    text = "Hello 世界! 🦩 naïve café 𓀀 — done."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert sum("\ufffd" in tokenizer.decode([i]) for i in ids) >= 5  # 🦩 and 𓀀 really are split over byte tokens
+    decoder, deltas = feed(tokenizer, text)
+    assert "".join(deltas) == decoder.text == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert len(deltas) > 5 and decoder.completion_tokens == len(ids) and not decoder.done
+
+
+def test_piecewise_decoding_equals_decoding_everything_at_once(tokenizer):
+    """Random ids include many byte fragments, so characters (and invalid sequences) straddle tokens everywhere."""
+    ids = torch.randint(0, 151_643, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    decoder = RowDecoder(tokenizer, {IM_END}, 1000, [], RowControl())
+    for token in ids:
+        decoder.push(token)
+    decoder.flush()
+    assert decoder.text == tokenizer.decode(ids).rstrip("\ufffd")
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    ("The answer is 42. Question: why?", ["Question:"], "The answer is 42. "),
+    ("alpha beta gamma delta", ["mma d", "zzz"], "alpha beta ga"),  # the stop string straddles tokens
+    ("one two three", ["two", "one"], ""),  # the earliest hit wins
+    ("你好世界，再见", ["世界"], "你好"),
+])
+def test_stop_strings_cut_the_text_and_are_never_streamed(tokenizer, text, stop, expected):
+    decoder, deltas = feed(tokenizer, text, stop=stop)
+    assert decoder.text == expected and "".join(deltas) == expected
+    assert decoder.finish_reason == "stop"
+
+
+def test_a_possible_stop_prefix_is_held_back_then_released(tokenizer):
+    decoder, deltas = feed(tokenizer, "wait for END", stop=["END OF"])
+    assert decoder.text == "wait for " and not decoder.done  # "END" could still become "END OF"
+    for token in tokenizer.encode(" GAME", add_special_tokens=False):
+        decoder.push(token)
+    assert "".join(deltas) == decoder.text == "wait for END GAM"  # a final "E" could start "END OF" again
+    decoder.flush()
+    assert "".join(deltas) == decoder.text == "wait for END GAME" and decoder.finish_reason == "length"
+
+
+def test_eos_and_length_finish_rows(tokenizer):
+    decoder, deltas = feed(tokenizer, "short answer", extra_ids=[IM_END, 1234, 5678])
+    assert decoder.finish_reason == "stop" and decoder.text == "short answer" == "".join(deltas)
+    assert decoder.completion_tokens == len(tokenizer.encode("short answer")) + 1  # EOS counted, later pads ignored
+    decoder, _ = feed(tokenizer, "one two three four five six", max_new_tokens=3)
+    assert decoder.finish_reason == "length" and decoder.completion_tokens == 3
+    assert decoder.text == tokenizer.decode(tokenizer.encode("one two three four five six")[:3])
+
+
+def test_stopping_criteria_reports_rows_and_honours_cancel(tokenizer):
+    controls = [RowControl(), RowControl()]
+    decoders = [RowDecoder(tokenizer, {IM_END}, 10, [], c) for c in controls]
+    criteria = RowStoppingCriteria(decoders)
+    ids = torch.tensor([[5, 9], [5, IM_END]])
+    assert criteria(ids, None).tolist() == [False, True]
+    controls[0].cancel()
+    assert criteria(torch.tensor([[5, 9, 7], [5, IM_END, 0]]), None).tolist() == [True, True]
+    assert decoders[0].finish_reason == "cancelled" and decoders[0].completion_tokens == 1
+
+
+def nucleus_reference(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Plain float64 nucleus filter: keep the smallest top set whose mass reaches top_p."""
+    scaled = logits.double() / temperature
+    probs = scaled.softmax(-1)
+    order = probs.argsort(descending=True)
+    mass_before = probs[order].cumsum(0) - probs[order]
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[order[mass_before < top_p]] = True
+    return torch.where(keep, scaled, torch.tensor(-float("inf"), dtype=torch.float64))
+
+
+def test_per_row_sampling_matches_a_reference_per_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    params = [(0.0, 1.0), (0.7, 0.9), (1.3, 1.0), (0.7, 0.9)]
+    out = PerRowSampling([t for t, _ in params], [p for _, p in params])(torch.zeros(4, 1, dtype=torch.long), logits)
+    greedy = out[0]
+    assert torch.isfinite(greedy).sum() == 1 and greedy.argmax() == logits[0].argmax()
+    for row, (t, p) in enumerate(params[1:], start=1):
+        expected = nucleus_reference(logits[row], t, p)
+        assert torch.equal(torch.isfinite(out[row]), torch.isfinite(expected))
+        torch.testing.assert_close(out[row][torch.isfinite(out[row])], expected[torch.isfinite(expected)])
+    assert 1 < torch.isfinite(out[1]).sum() < 50  # top-p really cut the tail
