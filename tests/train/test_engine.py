@@ -171,3 +171,12 @@ def test_paper_recipes_match_the_official_stage_table(stage, trainable, lr, batc
     assert (r.train.trainable, r.optim.lr, r.train.global_batch, r.data.max_size, r.data.token_budget) == (
         trainable, lr, batch, max_size, length)
     assert (r.optim.warmup_ratio, r.optim.weight_decay, r.model.dtype) == (0.03, 0.0, "bfloat16")
+
+
+def test_activation_checkpointing_gives_the_same_losses(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=2)
+    Trainer(load_recipe(recipe), tmp_path / "plain", show_progress=False).train()
+    trainer = Trainer(load_recipe(recipe, ["train.activation_checkpointing=true"]), tmp_path / "ac", show_progress=False)
+    assert trainer.model.model.layers[0].gradient_checkpointing
+    trainer.train()
+    torch.testing.assert_close(losses(tmp_path / "ac"), losses(tmp_path / "plain"), rtol=0, atol=1e-6)

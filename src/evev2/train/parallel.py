@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def parallelize(model: EVEForCausalLM, device: torch.device, compute_dtype: torch.dtype,
                 activation_checkpointing: bool) -> EVEForCausalLM:
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         mesh = init_device_mesh(device.type, (world,))
