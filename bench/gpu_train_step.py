@@ -37,6 +37,38 @@ def dense_params(dims: dict) -> int:
     return L * layer + v * d * (1 if dims["tie_word_embeddings"] else 2) + d
 
 
+def _time_step(kind: str, dims: dict, device: torch.device, dtype: torch.dtype, ids: torch.Tensor,
+               labels: torch.Tensor, images: list[torch.Tensor], steps: int) -> tuple[float, float | None]:
+    """Median forward+backward seconds and peak GiB of one model; the model is freed when this returns."""
+    config = EVEConfig(**dims, max_position_embeddings=8192, routing="index" if kind == "ours" else "blend")
+    model = EVEForCausalLM(config).to(device, dtype).train()
+    if kind == "ours":
+        def loss():
+            return model(input_ids=ids, images=images, labels=labels).loss
+    else:  # the official step: both copies everywhere, full-vocabulary fp32 logits on every position
+        spliced = model.model.embed_inputs(ids, images, labels=labels).labels
+
+        def loss():
+            logits = model(input_ids=ids, images=images).logits.float()
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), spliced[:, 1:].flatten())
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 3):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss().backward()
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+
+
 def measure(shape: str, device: torch.device, image_hw: tuple[int, int], text: int, steps: int) -> dict:
     dims = SHAPES[shape]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -46,41 +78,14 @@ def measure(shape: str, device: torch.device, image_hw: tuple[int, int], text: i
     labels = ids.clone()
     labels[:, 0] = -100
     images = [torch.randn(3, *image_hw, device=device, dtype=dtype) for _ in range(2)]
+    L, d = dims["num_hidden_layers"], dims["hidden_size"]
+    S = 1 + (image_hw[0] // 32) * (image_hw[1] // 32 + 1) + text
+    flops = 6 * dense_params(dims) * 2 * S + 6 * L * d * 2 * S * S
     results = {}
     for kind in ("ours", "official"):
-        config = EVEConfig(**dims, max_position_embeddings=8192, routing="index" if kind == "ours" else "blend")
-        model = EVEForCausalLM(config).to(device, dtype).train()
-        if kind == "ours":
-            step = lambda: model(input_ids=ids, images=images, labels=labels).loss  # noqa: E731
-        else:
-            spliced = model.model.embed_inputs(ids, images, labels=labels).labels
-
-            def step():
-                logits = model(input_ids=ids, images=images).logits.float()
-                return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), spliced[:, 1:].flatten())
-        times = []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(steps + 3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step().backward()
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        L, d = dims["num_hidden_layers"], dims["hidden_size"]
-        S = 1 + (image_hw[0] // 32) * (image_hw[1] // 32 + 1) + text
-        T = 2 * S
-        flops = 6 * dense_params(dims) * T + 6 * L * d * 2 * S * S
-        results[kind] = {"ms": seconds * 1e3, "tokens_per_s": T / seconds, "mfu": flops / seconds / H100_PEAK,
-                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        seconds, peak = _time_step(kind, dims, device, dtype, ids, labels, images, steps)
+        results[kind] = {"ms": seconds * 1e3, "tokens_per_s": 2 * S / seconds, "mfu": flops / seconds / H100_PEAK,
+                         "peak_gib": peak}
     results["speedup"] = results["official"]["ms"] / results["ours"]["ms"]
     return results
 

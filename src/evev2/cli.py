@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "report"): ("evev2.eval.commands:report_cli", "tasks x models table from result folders"),
     ("eval", "run"): ("evev2.eval.run:run_cli", "run a model on a benchmark (resumable, torchrun-aware) and score it"),
     ("eval", "score"): ("evev2.eval.commands:score_cli", "score a predictions JSONL on a benchmark"),
+    ("recap",): ("evev2.recap.cli:recap_cli", "re-caption image shards with a captioner model, filtered and resumable"),
     ("serve",): ("evev2.serve.cli:serve_cli", "OpenAI-compatible HTTP server with dynamic batching and a web page"),
     ("train",): ("evev2.train.engine:train_cli", "train one stage from a TOML recipe"),
 }

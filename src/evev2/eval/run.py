@@ -9,15 +9,14 @@ predictions file. Predictions are appended as they are produced, so a killed run
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from evev2.distributed import distributed_session
 from evev2.eval.commands import save_and_print_metrics
 from evev2.eval.predictions import PredictionWriter, read_predictions
 from evev2.eval.records import MAX_BAD_FRACTION, check_bad_fraction
@@ -159,15 +158,6 @@ def run_benchmark(generate: Generate, model_name: str, task: str, data: Path, qu
     return document
 
 
-def _join_process_group() -> bool:
-    """Join the `torchrun` process group that the environment describes (gloo on CPU, NCCL on GPUs); True when this
-    call created it (and so must destroy it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return True
-    return False
-
-
 def run_cli(*, model: Path, task: str, data: Path, questions: Path | None = None, image_root: Path | None = None,
             limit: int | None = None, batch_size: int = 8, output: Path = Path("eval_results"),
             max_new_tokens: int = 128, device: str | None = None, dtype: str | None = None
@@ -193,16 +183,11 @@ def run_cli(*, model: Path, task: str, data: Path, questions: Path | None = None
         dtype: float32, bfloat16 or float16; default bfloat16 on GPU, float32 on CPU.
     """
     get_task(task)  # an unknown task fails before the model is loaded
-    created_group = _join_process_group()
-    shard = Shard(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Shard()
-    if device is None and shard.world_size > 1 and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', shard.rank)}"
-        torch.cuda.set_device(device)  # NCCL's barrier runs on the current device
-    engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype)
-    try:
+    with distributed_session() as (rank, world_size, rank_device):
+        shard = Shard(rank, world_size)
+        if device is None and world_size > 1:
+            device = str(rank_device)  # each torchrun rank on its own GPU
+        engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype)
         return run_benchmark(engine.generate, Path(model).resolve().name, task, data, questions, image_root, limit,
                              batch_size, output, max_new_tokens, shard,
-                             barrier=dist.barrier if shard.world_size > 1 else lambda: None)
-    finally:
-        if created_group:
-            dist.destroy_process_group()
+                             barrier=dist.barrier if world_size > 1 else lambda: None)

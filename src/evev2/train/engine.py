@@ -12,7 +12,6 @@ import glob
 import json
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from evev2.data.samples import DataStats, Sample, SampleBuilder
 from evev2.data.templates import IGNORE_INDEX
 from evev2.model import EVEForCausalLM
 from evev2.model.convert import ShardWriter, AtomicFolder
+from evev2.distributed import distributed_session, init_distributed
 from evev2.train.checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from evev2.train.groups import freeze_except
 from evev2.train.parallel import parallelize
@@ -49,18 +49,6 @@ class StepMetrics:
     packing_efficiency: float
     tokens_per_second: float
     skipped_samples: int
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if dist.is_initialized() else 0), world, device
 
 
 def _all_reduce(value: float | int, op: str = "sum") -> float:
@@ -329,10 +317,9 @@ def train_cli(*, recipe: Path, output: str | None = None, max_steps: int | None 
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = load_recipe(recipe, overrides)
-    trainer = Trainer(spec, output or spec.output, resume=resume, max_steps=max_steps)
-    export = trainer.train()
-    if export is not None and trainer.rank == 0:
-        print(f"exported {export}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with distributed_session():
+        trainer = Trainer(spec, output or spec.output, resume=resume, max_steps=max_steps)
+        export = trainer.train()
+        if export is not None and trainer.rank == 0:
+            print(f"exported {export}")
     return export
