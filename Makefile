@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: with two torch processes on 2 cores (a test server, a torchrun pair,
+# a benchmark subprocess) spinning threads make each other ~10x slower.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup test demo bench clean
 

@@ -1,0 +1,68 @@
+"""Held-out evaluation of the demo's final model, through the project's eval code (`evev2 eval run` internals).
+
+Three numbers per question type: the model's accuracy, chance, and a blind baseline - the same model with every
+image replaced by a flat image of that image's mean colour and size, so it reads the question but sees no scene.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageStat
+
+from evev2.eval.run import run_benchmark
+from evev2.infer.engine import GenerationRequest, GenerationResult, InferenceEngine
+from evev2.infer.images import load_image
+
+Generate = Callable[[list[GenerationRequest]], list[GenerationResult]]
+CAPTION_MAX_NEW_TOKENS = 96
+ANSWER_MAX_NEW_TOKENS = 8
+
+
+def split_question_file(questions: Path, out_dir: Path, caption_images: int) -> tuple[Path, Path]:
+    """Write the QA records and the first `caption_images` caption records into two files.
+
+    Answers are one word and captions dozens, so they are decoded in separate batches: a batch runs until its
+    longest row stops.
+    """
+    records = [json.loads(line) for line in questions.read_text().splitlines() if line.strip()]
+    qa = [r for r in records if r["type"] != "caption"]
+    captions = [r for r in records if r["type"] == "caption"][:caption_images]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "heldout_qa.jsonl", out_dir / "heldout_captions.jsonl"
+    for path, rows in zip(paths, (qa, captions)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """A flat image of the same size and mean colour: everything about the scene is gone but its size and tint."""
+    mean = tuple(round(c) for c in ImageStat.Stat(image.convert("RGB")).mean)
+    return Image.new("RGB", image.size, mean)
+
+
+def blind(generate: Generate) -> Generate:
+    """`generate` with every request's images replaced by `blank_like` versions (the blind baseline)."""
+    def blind_generate(requests: list[GenerationRequest]) -> list[GenerationResult]:
+        blinded = [GenerationRequest(r.messages, [blank_like(load_image(i)) for i in r.images], r.max_new_tokens,
+                                     r.temperature, r.top_p, list(r.stop)) for r in requests]
+        return generate(blinded)
+
+    return blind_generate
+
+
+def evaluate_heldout(engine: InferenceEngine, qa_file: Path, caption_file: Path, image_root: Path, output: Path,
+                     batch_size: int) -> dict[str, Any]:
+    """Per-type accuracy (model and blind), caption BLEU-4; every prediction file lands under `output`."""
+    common = {"task": "synth", "image_root": image_root, "batch_size": batch_size, "output": output}
+    model = run_benchmark(engine.generate, "final", data=qa_file, max_new_tokens=ANSWER_MAX_NEW_TOKENS, **common)
+    blind_model = run_benchmark(blind(engine.generate), "blind", data=qa_file, max_new_tokens=ANSWER_MAX_NEW_TOKENS,
+                                **common)
+    captions = run_benchmark(engine.generate, "final-captions", data=caption_file,
+                             max_new_tokens=CAPTION_MAX_NEW_TOKENS, **common)
+    return {"model": model["metrics"], "blind": blind_model["metrics"], "captions": captions["metrics"],
+            "predictions": {name: str(output / name / "synth" / "predictions.jsonl")
+                            for name in ("final", "blind", "final-captions")}}

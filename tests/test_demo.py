@@ -1,0 +1,133 @@
+"""`evev2 demo --quick`: the whole pipeline end to end (world, stage-0 LLM, convert, four stages, held-out eval).
+
+One quick run is shared by every test; it takes about a minute and a half on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from evev2.cli import main as cli
+from evev2.demo.evaluate import blank_like, blind
+from evev2.demo.language import text_perplexity
+from evev2.demo.pipeline import stage_overrides
+from evev2.demo.tokenizer import train_world_tokenizer
+from evev2.infer.engine import GenerationRequest, GenerationResult
+from evev2.train.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("demo")
+    cli(["demo", "--quick", "--output", str(output)])
+    return output, json.loads((output / "results.json").read_text())
+
+
+def test_quick_demo_writes_every_artefact(demo_run):
+    output, results = demo_run
+    for name in ("results.json", "loss_curves.png", "contact_sheet.png"):
+        assert (output / name).stat().st_size > 1000, name
+    final = output / "final"
+    assert (final / "config.json").exists() and (final / "model.safetensors").exists()
+    assert json.loads((final / "processor_config.json").read_text())["template"] == "eve"
+    # one metrics.jsonl per stage, each with the planned number of steps
+    for stage in results["plan"]["stages"]:
+        run = output / stage["recipe"].removesuffix(".toml")
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == stage["steps"]
+    assert results["chat_command"].startswith(f"evev2 chat --model {final} --image ")
+
+
+def test_quick_demo_scores_every_question_beside_chance_and_blind(demo_run):
+    _, results = demo_run
+    model, blind_model = results["heldout"]["model"], results["heldout"]["blind"]
+    for kind in ("color", "shape", "count", "relation", "text"):
+        assert model[f"{kind}/count"] == blind_model[f"{kind}/count"] > 0
+        assert 0 < model[f"{kind}/chance"] < 100
+    assert model["num_missing_predictions"] == 0
+    # colour is learned first (one scene token carries it): it must leave chance and beat the blind model
+    assert model["color/accuracy"] >= 2 * model["color/chance"]
+    assert model["color/accuracy"] > blind_model["color/accuracy"] + 10
+    assert results["heldout"]["captions"]["caption/count"] > 0
+    before, after = results["text_perplexity"]["stage0_llm"], results["text_perplexity"]["final_vlm"]
+    vocabulary = len(AutoTokenizer.from_pretrained(demo_run[0] / "final"))
+    assert 1 < before < vocabulary / 10  # the stage-0 LLM has learned the world's language: far below uniform
+    assert 1 < after and math.isfinite(after)
+
+
+def test_saved_model_reloads_and_answers_through_chat(demo_run, capsys):
+    output, results = demo_run
+    image = results["chat_command"].split("--image ")[1].split(" ")[0]
+    capsys.readouterr()
+    cli(["chat", "--model", str(output / "final"), "--image", image, "--prompt", "what color is the circle ?",
+         "--max-new-tokens", "4"])
+    answer = capsys.readouterr().out.strip()
+    assert answer and answer.split()[0].isalpha()
+
+
+def test_stage_overrides_move_recipe_paths_onto_the_output(tmp_path):
+    recipe = load_recipe(RECIPES / "stage2_2.toml", stage_overrides(RECIPES / "stage2_2.toml", tmp_path, 7, ()))
+    assert recipe.model.source == str(tmp_path / "stage2_1" / "export")
+    assert recipe.output == str(tmp_path / "stage2_2")
+    assert [s.path for s in recipe.data.sources] == [str(tmp_path / "world" / "level2" / "train.json"),
+                                                     str(tmp_path / "world" / "level3" / "train.json")]
+    assert recipe.train.steps == 7 and recipe.train.trainable == ["patch_embed", "vision", "text", "embeddings"]
+
+
+def test_world_tokenizer_round_trips_and_keeps_words_whole():
+    lines = ["what color is the red circle ? red", "there are two shapes . a blue star at top left ."] * 50
+    tokenizer = train_world_tokenizer(lines, vocab_size=400)
+    text = "what color is the blue star ? red"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert len(ids) == len(text.split())  # every word of the corpus is one token
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_text_perplexity_matches_a_float64_reference():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lines = ["a red circle at top .", "what shape is the green object ? star", "how many shapes are there ? two"]
+    tokenizer = train_world_tokenizer(lines * 20, vocab_size=400)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).double()
+    nll, count = 0.0, 0
+    for line in lines:  # one unpadded sequence at a time, each ending in EOS
+        ids = torch.tensor([tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+        nll -= logprobs.gather(1, ids[0, 1:, None]).sum().item()
+        count += ids.shape[1] - 1
+    expected = math.exp(nll / count)
+    assert text_perplexity(model, tokenizer, lines, batch_size=2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_blind_baseline_sees_a_flat_image_of_the_same_size_and_mean(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    pixels = (torch.rand(96, 160, 3) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    flat = blank_like(image)
+    assert flat.size == image.size and len(set(flat.getdata())) == 1
+    assert flat.getpixel((0, 0)) == tuple(round(float(c)) for c in pixels.reshape(-1, 3).mean(0))
+    seen: list[GenerationRequest] = []
+
+    def record(requests: list[GenerationRequest]) -> list[GenerationResult]:
+        seen.extend(requests)
+        return [GenerationResult("red", 3, 1, "stop") for _ in requests]
+
+    path = tmp_path / "scene.png"
+    image.save(path)
+    request = GenerationRequest([{"role": "user", "content": "<image>\nwhat color ?"}], [str(path)], 4)
+    assert [r.text for r in blind(record)([request])] == ["red"]
+    assert seen[0].messages == request.messages and seen[0].images[0].tobytes() == flat.tobytes()
