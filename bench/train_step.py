@@ -5,13 +5,14 @@ as in the GPU anchor of issue 9. Three models of the same dims, each in its own 
 * dense Qwen2 (HF `Qwen2ForCausalLM` on `inputs_embeds`, full-vocabulary logits, HF loss);
 * ours: index-routed EVEv2.0, LM head on supervised tokens only;
 * the official formulation: mask-blend routing (both copies on every token) and full fp32 logits on every position.
-Peak memory is the growth of the process's peak RSS over the training steps (weights and the first allocations excluded).
+Peak memory is the transient memory of one step (activations, logits, gradients): the peak RSS over a step, measured
+after warm-up (weights and optimiser state excluded), in a fresh process per model.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +26,9 @@ DIMS = dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden
 BATCH, IMAGE_HW, TEXT = 2, (512, 640), 80
 
 
-def _rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(field: str) -> float:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def build(kind: str):
@@ -71,19 +73,24 @@ def build(kind: str):
 
 
 def _peak_memory(kind: str, queue) -> None:
+    """Transient memory of one step: the process's RSS high-water mark, reset after warm-up, minus the RSS then."""
     step = build(kind)
     step()
-    before = _rss_mb()
-    for _ in range(2):
-        step()
-    queue.put(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before, 0.0))
+    step()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
+    before = _status_mb("VmRSS")
+    step()
+    queue.put(_status_mb("VmHWM") - before)
 
 
 KINDS = {"dense": "dense Qwen2 (HF)", "ours": "EVEv2 ours", "official": "EVEv2 official formulation"}
 
 
 def main(repeats: int = 5) -> list[list[object]]:
-    ctx = mp.get_context("fork")
+    # fork after torch has started its thread pools can deadlock; large blocks are mmapped so that a freed step's
+    # memory really leaves the process and the next step's peak is its own
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    ctx = mp.get_context("spawn")
     memory = {}
     for kind in KINDS:  # one fresh process per model, so that one's peak does not hide another's
         q = ctx.Queue()
@@ -98,7 +105,7 @@ def main(repeats: int = 5) -> list[list[object]]:
             for k in KINDS]
     print_table(f"train_step: fwd+bwd+AdamW, {BATCH} samples x ({IMAGE_HW[0]}x{IMAGE_HW[1]} image + {TEXT} text tokens), "
                 f"hidden 256, 4 layers, vocab 32000 [{machine()}]",
-                ["model", "ms/step", "tokens/s", "tokens/s vs dense", "peak RSS growth MB", "memory vs dense"], rows)
+                ["model", "ms/step", "tokens/s", "tokens/s vs dense", "step peak MB", "memory vs dense"], rows)
     print(f"\nours vs the official formulation: {seconds['official'] / seconds['ours']:.2f}x faster per step, "
           f"{memory['official'] / max(memory['ours'], 1e-9):.2f}x less peak memory")
     return rows
