@@ -3,8 +3,8 @@
 Every subcommand is a plain Python function whose signature is its flag set and whose docstring is its help.
 Parameters without a default become positional arguments, keyword-only ones without a default become required
 `--flags`, and the others optional `--flags`. A function may take a
-trailing `overrides: list[str]` to accept free `key=value` arguments. Modules are imported only when their command runs,
-so `evev2 --help` stays fast.
+trailing `overrides: list[str]` to accept free `key=value` arguments. A command's module is imported only when that
+command runs (training, serving and evaluation stacks stay out of each other's start-up).
 """
 
 from __future__ import annotations
