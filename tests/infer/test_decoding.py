@@ -41,7 +41,7 @@ def test_piecewise_decoding_equals_decoding_everything_at_once(tokenizer):
     for token in ids:
         decoder.push(token)
     decoder.flush()
-    assert decoder.text == tokenizer.decode(ids).rstrip("\ufffd")
+    assert decoder.text == tokenizer.decode(ids).rstrip("\ufffd").lstrip()  # answers start at their first non-space
 
 
 @pytest.mark.parametrize("text, stop, expected", [
@@ -109,3 +109,10 @@ def test_per_row_sampling_matches_a_reference_per_row():
         assert torch.equal(torch.isfinite(out[row]), torch.isfinite(expected))
         torch.testing.assert_close(out[row][torch.isfinite(out[row])], expected[torch.isfinite(expected)])
     assert 1 < torch.isfinite(out[1]).sum() < 50  # top-p really cut the tail
+
+
+def test_leading_whitespace_of_an_answer_is_dropped_and_deltas_stay_suffixes(tokenizer):
+    """After "ASSISTANT:" the first answer token carries a space; the released text starts at the answer itself."""
+    decoder, deltas = feed(tokenizer, "  \n two shapes . a red star", extra_ids=[IM_END])
+    assert decoder.text == "two shapes . a red star" == "".join(deltas) and deltas[0].startswith("two")
+    assert decoder.finish_reason == "stop"

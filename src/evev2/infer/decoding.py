@@ -102,10 +102,12 @@ class RowDecoder:
         """
         piece = self.tokenizer.decode(self._pending, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if piece.endswith("\ufffd"):
-            return self._complete + piece.rstrip("\ufffd")
+            return (self._complete + piece.rstrip("\ufffd")).lstrip()
         self._complete += piece
         self._pending = []
-        return self._complete
+        # Answers start after "ASSISTANT:" (eve) or a newline, so the first token usually carries a space; the
+        # official CLI strips it too. Stripping only the start keeps every later delta an exact suffix.
+        return self._complete.lstrip()
 
     def _first_stop(self, decoded: str) -> int | None:
         # A stop string can only be new if it ends in the unreleased tail, so search from just before it.
