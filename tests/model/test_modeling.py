@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from evev2.data.image_processing import num_image_tokens
 from evev2.model import EVEConfig, EVEForCausalLM
 from evev2.model.configuration_eve import VARIANTS
 from tests.conftest import TINY, perturb_vision_weights, tiny_eve_config
@@ -69,7 +70,7 @@ def test_token_count_and_layout():
     for h, w in [(32, 32), (64, 96), (96, 32), (160, 224), (32, 320)]:
         tokens = model.model.patch_embed([torch.randn(3, h, w)])[0]
         gh, gw = h // 32, w // 32
-        assert tokens.shape == (1 + gh * (gw + 1), config.hidden_size) == (config.num_image_tokens(h, w), 32)
+        assert tokens.shape == (1 + gh * (gw + 1), config.hidden_size) == (num_image_tokens(h, w), 32)
         pe = model.model.patch_embed
         torch.testing.assert_close(tokens[0], pe.class_embedding.detach())
         for r in range(gh):  # the split vector closes every row, the last included

@@ -19,6 +19,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from evev2.data.errors import SampleError
+from evev2.data.image_processing import num_image_tokens
 from evev2.data.processor import EVEProcessor
 from evev2.data.templates import IMAGE_TOKEN_INDEX
 from evev2.infer.decoding import FinishReason, PerRowSampling, RowControl, RowDecoder, RowStoppingCriteria
@@ -150,7 +151,8 @@ class InferenceEngine:
             raise InvalidRequestError(str(err), param="messages") from err
         input_ids = batch["input_ids"][0]  # (T,): a batch of one has no padding
         images = list(batch["images"])
-        image_tokens = sum(self.model.config.num_image_tokens(*image.shape[1:]) for image in images)
+        unit = self.model.config.image_pixels_per_token
+        image_tokens = sum(num_image_tokens(*image.shape[1:], unit=unit) for image in images)
         prompt_tokens = int((input_ids != IMAGE_TOKEN_INDEX).sum()) + image_tokens
         if prompt_tokens + request.max_new_tokens > self.context_window:
             raise ContextLengthError(

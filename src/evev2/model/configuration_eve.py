@@ -55,10 +55,3 @@ class EVEConfig(Qwen2Config):
     def image_pixels_per_token(self) -> int:
         """Side length in pixels covered by one image token (32 for 16x2)."""
         return self.patch_size * self.patch_merge
-
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """Tokens one image of this size becomes: a class token, then each grid row followed by a split token."""
-        step = self.image_pixels_per_token
-        if height % step or width % step:
-            raise ValueError(f"image size {height}x{width} is not a multiple of {step}")
-        return 1 + (height // step) * (width // step + 1)
