@@ -50,6 +50,28 @@ def test_routed_equals_mask_blend_oracle(split):
         assert (model(input_ids=ids, images=images).logits - routed).abs().max() > 1e-4
 
 
+def test_routed_gradients_equal_mask_blend_oracle():
+    """Backward through the sorted stream (its custom permutation gather) gives the oracle's gradient everywhere."""
+    model = build(["norm", "attn", "mlp"]).train()
+    ids, images = random_batch(seed=3)
+    images = [i.double().requires_grad_() for i in images]
+    labels = ids.clone()
+    labels[ids == IMG] = -100
+    grads = {}
+    for routing in ("index", "blend"):
+        model.config.routing = routing
+        model.zero_grad()
+        for image in images:
+            image.grad = None
+        model(input_ids=ids, images=images, labels=labels).loss.backward()
+        grads[routing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads[routing].update({f"image{i}": image.grad.clone() for i, image in enumerate(images)})
+    assert grads["index"].keys() == grads["blend"].keys()
+    assert any("vision_mlp" in name for name in grads["index"])
+    for name, grad in grads["index"].items():
+        torch.testing.assert_close(grad, grads["blend"][name], rtol=0, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: "+".join(s) or "shared")
 def test_text_only_matches_hf_qwen2(split):
     model = build(split, dtype=torch.float32)
@@ -198,7 +220,7 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
 
 
 def test_variants_and_bad_config():
-    assert VARIANTS["v1.0"] == () and VARIANTS["v1.5"] == ("mlp",)
+    assert VARIANTS["v1.0"] == {"modality_split": ()} and VARIANTS["v1.5"] == {"modality_split": ("mlp",)}
     assert tiny_eve_config(modality_split=["mlp", "norm"]).modality_split == ["norm", "mlp"]
     with pytest.raises(ValueError, match="unknown modules"):
         tiny_eve_config(modality_split=["ffn"])

@@ -180,3 +180,13 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_vlm_dir, tiny_world
     assert trainer.model.model.layers[0].gradient_checkpointing
     trainer.train()
     torch.testing.assert_close(losses(tmp_path / "ac"), losses(tmp_path / "plain"), rtol=0, atol=1e-6)
+
+
+def test_compiled_layers_give_the_same_losses(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    """`train.compile` (every decoder layer under torch.compile, inductor) trains like eager, batch shapes varying."""
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=2)
+    Trainer(load_recipe(recipe), tmp_path / "plain", show_progress=False).train()
+    trainer = Trainer(load_recipe(recipe, ["train.compile=true"]), tmp_path / "compiled", show_progress=False)
+    assert all(layer._compiled_call_impl is not None for layer in trainer.model.model.layers)
+    trainer.train()
+    torch.testing.assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "plain"), rtol=0, atol=1e-5)

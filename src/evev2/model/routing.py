@@ -62,8 +62,8 @@ class ModalityRouter:
             return torch.cat([text(x), vision(x[:0])]) if self.keep_both else text(x)
         if self.mode == "vision":
             return torch.cat([text(x[:0]), vision(x)]) if self.keep_both else vision(x)
-        if self.mode == "sorted":
-            n = self.num_text
-            return torch.cat([text(x[:n]), vision(x[n:])])
+        if self.mode == "sorted":  # split, not two slices: its backward is one cat, not two zero-filled copies
+            text_rows, vision_rows = x.split([self.num_text, x.shape[0] - self.num_text])
+            return torch.cat([text(text_rows), vision(vision_rows)])
         w = self.weight.to(x.dtype)
         return text(x) * (1 - w) + vision(x) * w

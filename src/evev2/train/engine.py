@@ -108,7 +108,7 @@ class Trainer:
                                                attn_implementation=attention)
         trainable = freeze_except(model, train.trainable)
         model.to(self.device).train()
-        self.model = parallelize(model, self.device, self.compute_dtype, train.activation_checkpointing)
+        self.model = parallelize(model, self.device, self.compute_dtype, train.activation_checkpointing, train.compile)
         current = dict(self.model.named_parameters(remove_duplicate=False))  # FSDP2 swaps in sharded parameters
         self.trainable = {g: [(n, current[n]) for n, _ in params] for g, params in trainable.items()}
         self.autocast = cuda and self.world == 1 and self.compute_dtype != torch.float32  # FSDP2 casts by itself

@@ -76,6 +76,7 @@ class TrainSpec:
     global_batch: int  # samples per optimiser step, summed over ranks
     micro_batch_rows: int = 4  # packed rows per forward/backward
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile every decoder layer (measured in BENCHMARKS.md; off by default)
     seed: int = 0
     log_every: int = 1
 
