@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 # command words -> ("module:function", one-line help). Keep sorted by command.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("ablate",): ("evev2.ablate.pipeline:ablate_cli", "train EVEv1.0/1.2/1.5/2.0 on the same tokens and compare them (Figure 5)"),
     ("chat",): ("evev2.infer.chat:chat_cli", "chat with a model folder, one-shot or interactive (streams tokens)"),
     ("convert", "llm"): ("evev2.model.convert:convert_llm_cli", "Qwen2-family LLM folder -> EVEv2 model folder"),
+    ("convert", "merge"): ("evev2.model.convert:merge_reparam_cli", "EVEv1.2 folder -> the equivalent merged EVEv1.5 folder"),
     ("convert", "official"): ("evev2.model.convert:convert_official_cli", "official EVEv2 checkpoint <-> ours"),
     ("data", "synth"): ("evev2.data.synth:synth_cli", "render the synthetic world (LLaVA JSON, WebDataset, text)"),
     ("demo",): ("evev2.demo.pipeline:demo_cli", "train a tiny EVEv2 end to end on the synthetic world (CPU) and evaluate it"),

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2Config
 
 #: Modules that may get a vision copy. EVEv1.0 = (), EVEv1.5 = ("mlp",), EVEv2.0 = all three.
 ROUTABLE_MODULES = ("norm", "attn", "mlp")
-VARIANTS: dict[str, tuple[str, ...]] = {"v1.0": (), "v1.5": ("mlp",), "v2.0": ROUTABLE_MODULES}
+#: The paper's architecture variants, as the EVEConfig fields that make each one.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "v1.0": {"modality_split": ()},
+    "v1.2": {"modality_split": (), "vision_mlp_reparam": True},
+    "v1.5": {"modality_split": ("mlp",)},
+    "v2.0": {"modality_split": ROUTABLE_MODULES},
+}
 
 
 @strict
@@ -23,6 +31,12 @@ class EVEConfig(Qwen2Config):
         (the official value; it is never a vocabulary row).
     modality_split (`list[str]`): which modules get a vision copy, any subset of `("norm", "attn", "mlp")`.
         `[]` is EVEv1.0 (all shared), `["mlp"]` EVEv1.5, all three EVEv2.0 (the default).
+    vision_mlp_reparam (`bool`, defaults to False): EVEv1.2, the re-parameterised gated vision FFN. Every layer's MLP
+        gets vision-only weights dW for gate/up/down (the text MLP's shapes) and one zero-initialised gate g: a vision
+        token's FFN uses W + tanh(g) * dW for each linear, a text token W. Norms and attention stay as
+        `modality_split` says. At g = 0 the model is exactly the one without it (dW is small random, so that g gets a
+        gradient and learning can start), and `evev2.model.convert.merge_reparam` folds it into a plain vision MLP
+        copy (EVEv1.5 when nothing else is split). Incompatible with "mlp" in `modality_split`.
     attention_bias (`bool`, defaults to True): bias on q/k/v, as in Qwen2.
     loss_chunk_rows (`int`, defaults to 1024): supervised rows per LM-head chunk in the training loss (their logits are
         recomputed in backward, so the full `[rows, vocab]` logits never exist at once); 0 disables chunking.
@@ -37,6 +51,7 @@ class EVEConfig(Qwen2Config):
     patch_hidden_size: int = 1024
     image_token_index: int = -200
     modality_split: list[str] | tuple[str, ...] = ROUTABLE_MODULES
+    vision_mlp_reparam: bool = False
     attention_bias: bool = True
     routing: str = "index"
     loss_chunk_rows: int = 1024
@@ -47,6 +62,9 @@ class EVEConfig(Qwen2Config):
             raise ValueError(f"modality_split has unknown modules {sorted(unknown)}; allowed: {ROUTABLE_MODULES}")
         # Canonical order, so that configs compare and serialise the same whatever order the user wrote.
         self.modality_split = [m for m in ROUTABLE_MODULES if m in self.modality_split]
+        if self.vision_mlp_reparam and "mlp" in self.modality_split:
+            raise ValueError("vision_mlp_reparam (EVEv1.2) re-parameterises the shared MLP; it cannot be combined with "
+                             "'mlp' in modality_split (a full vision MLP copy)")
         if self.routing not in ("index", "blend"):
             raise ValueError(f"routing must be 'index' or 'blend', got {self.routing!r}")
         super().__post_init__(**kwargs)

@@ -2,6 +2,8 @@
 
 * `convert_llm`: an HF Qwen2/Qwen2.5 folder -> an EVEv2 folder: a fresh patch embedding, and every vision copy an exact
   clone of its text twin (the paper's initialisation), so that stage 1 starts from the unchanged LLM.
+* `merge_reparam`: an EVEv1.2 model (gated vision FFN deltas) -> the equivalent plain model with a vision MLP copy
+  (EVEv1.5), whose vision MLP weights are `W + tanh(g) * dW`.
 * `convert_official`: the official EVEv2 format (`model_type` "eve-qwen2", `moe_*` keys, `model.vision_tower.*`) <-> ours.
   One key table serves both directions.
 """
@@ -21,8 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from transformers.initialization import no_init_weights
+
 from evev2.model.configuration_eve import VARIANTS, EVEConfig
+from evev2.model.modeling_eve import EVEForCausalLM
 from evev2.model.patch_embed import EVEPatchEmbedding
+from evev2.model.reparam import GatedVisionDelta
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # Keys of a text module -> the key of its vision copy, per `modality_split` entry.
@@ -136,10 +142,16 @@ def _write_processor_files(dst: Path, max_size: int, resize_policy: str) -> None
     write_processor_config(dst, "eve")
 
 
-def _fresh_patch_embedding(config: EVEConfig, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+def _fresh_vision_weights(config: EVEConfig, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """The weights an LLM does not have: the patch embedding and, for EVEv1.2, every layer's gated delta (gate 0)."""
     torch.manual_seed(seed)
     module = EVEPatchEmbedding(config)  # constructed with the official initialisation
-    return {f"model.patch_embed.{k}": v.to(dtype) for k, v in module.state_dict().items()}
+    fresh = {f"model.patch_embed.{k}": v for k, v in module.state_dict().items()}
+    if config.vision_mlp_reparam:  # drawn after the patch embedding, which stays the same for every variant
+        for i in range(config.num_hidden_layers):
+            fresh.update({f"model.layers.{i}.vision_mlp_delta.{k}": v
+                          for k, v in GatedVisionDelta(config).state_dict().items()})
+    return {k: v.to(dtype) for k, v in fresh.items()}
 
 
 def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_hidden_size: int = 1024,
@@ -153,7 +165,7 @@ def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_h
         raise ValueError(f"{src} has model_type {llm.get('model_type')!r}; convert llm expects a Qwen2-family LLM")
     fields = {k: v for k, v in llm.items() if k not in ("model_type", "architectures", "transformers_version",
                                                       "auto_map", "dtype", "torch_dtype")}
-    config = EVEConfig(**fields, patch_hidden_size=patch_hidden_size, modality_split=list(VARIANTS[variant]))
+    config = EVEConfig(**{**fields, "patch_hidden_size": patch_hidden_size, **VARIANTS[variant]})
     config.architectures = ["EVEForCausalLM"]
     split = config.modality_split
     dtype = None
@@ -166,13 +178,49 @@ def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_h
                 pattern, repl = _VISION_COPY[part]
                 if pattern.search(key):
                     writer.add(pattern.sub(repl, key), tensor.clone())
-        for key, tensor in _fresh_patch_embedding(config, dtype or torch.float32, seed).items():
+        for key, tensor in _fresh_vision_weights(config, dtype or torch.float32, seed).items():
             writer.add(key, tensor)
         writer.close()
         config.save_pretrained(tmp)
         _copy_side_files(src, tmp)
         _write_processor_files(tmp, max_size=800, resize_policy="max_area")
     return config
+
+
+@torch.no_grad()
+def merge_reparam(model: EVEForCausalLM) -> EVEForCausalLM:
+    """Fold every EVEv1.2 gated delta into a plain vision MLP copy with weights `W + tanh(g) * dW`.
+
+    The result has "mlp" added to `modality_split` (an EVEv1.0-based v1.2 becomes EVEv1.5), computes the same function
+    and costs the same per token; everything else is copied unchanged. Same dtype; eval/train mode kept.
+    """
+    if not model.config.vision_mlp_reparam:
+        raise ValueError("merge_reparam expects an EVEv1.2 model (config.vision_mlp_reparam is False)")
+    config = EVEConfig.from_dict({**model.config.to_dict(), "vision_mlp_reparam": False,
+                                  "modality_split": [*model.config.modality_split, "mlp"]})
+    state = {k: v for k, v in model.state_dict().items() if ".vision_mlp_delta." not in k}
+    for i, layer in enumerate(model.model.layers):
+        for name, weight in layer.vision_mlp_delta.effective_weights(layer.mlp).items():
+            state[f"model.layers.{i}.vision_mlp.{name}.weight"] = weight
+    with no_init_weights():  # every weight is loaded below
+        merged = EVEForCausalLM(config).to(model.dtype)
+    merged.load_state_dict(state, strict=True)
+    return merged.train(model.training)
+
+
+def merge_reparam_cli(src: Path, dst: Path, overwrite: bool = False) -> None:
+    """Merge an EVEv1.2 model folder (gated vision FFN deltas) into the equivalent plain model (EVEv1.5) folder.
+
+    Args:
+        src: the EVEv1.2 model folder.
+        dst: the output folder; written under a temporary name and renamed when complete.
+        overwrite: replace dst if it exists.
+    """
+    merged = merge_reparam(EVEForCausalLM.from_pretrained(src, dtype="auto"))
+    with AtomicFolder(Path(dst), overwrite) as tmp:
+        merged.save_pretrained(tmp)
+        _copy_side_files(src, tmp)
+    print(f"wrote {dst}: vision copies of {merged.config.modality_split}")
 
 
 def _rename(key: str, to: Literal["ours", "official"]) -> str:
@@ -196,9 +244,11 @@ def official_config_to_ours(cfg: dict) -> EVEConfig:
 
 
 def our_config_to_official(config: EVEConfig) -> dict:
+    if config.vision_mlp_reparam:
+        raise ValueError("the official EVEv2 format has no EVEv1.2 gated deltas; merge first (evev2 convert merge)")
     out = config.to_dict()
-    for k in ("patch_size", "patch_merge", "patch_hidden_size", "modality_split", "routing", "image_token_index",
-              "attention_bias", "transformers_version", "dtype"):
+    for k in ("patch_size", "patch_merge", "patch_hidden_size", "modality_split", "vision_mlp_reparam", "routing",
+              "image_token_index", "attention_bias", "transformers_version", "dtype"):
         out.pop(k, None)
     inverse = {v: k for k, v in _OFFICIAL_PARTS.items()}
     out.update(model_type="eve-qwen2", architectures=["EVEQwen2ForCausalLM"], add_moe=bool(config.modality_split),
@@ -228,21 +278,23 @@ def convert_official(src: str | Path, dst: str | Path, to: Literal["ours", "offi
             (tmp / "config.json").write_text(json.dumps(our_config_to_official(EVEConfig.from_dict(cfg)), indent=2))
 
 
-def convert_llm_cli(src: Path, dst: Path, variant: Literal["v1.0", "v1.5", "v2.0"] = "v2.0",
+def convert_llm_cli(src: Path, dst: Path, variant: Literal["v1.0", "v1.2", "v1.5", "v2.0"] = "v2.0",
                     patch_hidden_size: int = 1024, seed: int = 0, overwrite: bool = False) -> None:
     """Convert a local HF Qwen2/Qwen2.5 folder (safetensors, sharded or not) into an EVEv2 model folder.
 
     Args:
         src: the LLM folder (config.json + *.safetensors + tokenizer files).
         dst: the output folder; written under a temporary name and renamed when complete.
-        variant: which modules get a vision copy: v1.0 none, v1.5 the MLP, v2.0 norms + attention + MLP.
+        variant: which modules get a vision copy: v1.0 none, v1.2 none but a gated vision delta on every MLP
+            (zero gate), v1.5 the MLP, v2.0 norms + attention + MLP.
         patch_hidden_size: channels between the two patch-embedding convs (1024 in the paper).
         seed: seed of the patch embedding's random initialisation.
         overwrite: replace dst if it exists.
     """
     config = convert_llm(src, dst, variant, patch_hidden_size, seed, overwrite)
+    reparam = ", gated vision MLP deltas (EVEv1.2)" if config.vision_mlp_reparam else ""
     print(f"wrote {dst}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-          f"vision copies of {config.modality_split or 'nothing'}")
+          f"vision copies of {config.modality_split or 'nothing'}{reparam}")
 
 
 def convert_official_cli(src: Path, dst: Path, to: Literal["ours", "official"] = "ours", overwrite: bool = False) -> None:

@@ -7,6 +7,7 @@ shared `ModalityRouter` (routing.py) -> final norm -> `lm_head` on supervised po
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from evev2.model.configuration_eve import EVEConfig
 from evev2.model.loss import linear_cross_entropy_sum
 from evev2.model.patch_embed import EVEPatchEmbedding
+from evev2.model.reparam import GatedVisionDelta
 from evev2.model.routing import ModalityRouter
 from evev2.model.splice import IGNORE_INDEX, SplicedInputs, is_left_padded, positions_from_segments, splice_images
 
@@ -93,6 +95,7 @@ class EVEDecoderLayer(GradientCheckpointingLayer):
         self.vision_mlp = _vision_copy(config, "mlp", lambda: Qwen2MLP(config))
         self.vision_input_layernorm = _vision_copy(config, "norm", norm)
         self.vision_post_attention_layernorm = _vision_copy(config, "norm", norm)
+        self.vision_mlp_delta = GatedVisionDelta(config) if config.vision_mlp_reparam else None  # EVEv1.2
 
     def forward(
         self,
@@ -108,7 +111,8 @@ class EVEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + self.self_attn(h, router, position_embeddings, attention_mask, cache, **kwargs)
         residual = hidden_states
         h = router(self.post_attention_layernorm, self.vision_post_attention_layernorm, hidden_states)
-        return residual + router(self.mlp, self.vision_mlp, h)
+        vision_mlp = partial(self.vision_mlp_delta, self.mlp) if self.vision_mlp_delta is not None else self.vision_mlp
+        return residual + router(self.mlp, vision_mlp, h)
 
 
 class EVEPreTrainedModel(PreTrainedModel):
@@ -122,7 +126,7 @@ class EVEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, EVEPatchEmbedding):
+        if isinstance(module, (EVEPatchEmbedding, GatedVisionDelta)):
             module.reset_parameters()
         elif not isinstance(module, nn.Conv2d):  # the only convs are the patch embedding's, handled above
             super()._init_weights(module)
@@ -319,10 +323,13 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def clone_text_to_vision(self) -> None:
-        """Make every vision copy an exact clone of its text twin (the paper's initialisation of the vision branch)."""
+        """Make every vision copy an exact clone of its text twin (the paper's initialisation of the vision branch), and
+        close every EVEv1.2 gate (g = 0), so that vision tokens see exactly the text weights."""
         for layer in self.model.layers:
             for text, vision in vision_pairs(layer):
                 vision.load_state_dict(text.state_dict())
+            if layer.vision_mlp_delta is not None:
+                layer.vision_mlp_delta.tanh_gate.zero_()
 
 
 def vision_pairs(layer: EVEDecoderLayer) -> list[tuple[nn.Module, nn.Module]]:
@@ -333,3 +340,9 @@ def vision_pairs(layer: EVEDecoderLayer) -> list[tuple[nn.Module, nn.Module]]:
              (a.q_proj, a.vision_q_proj), (a.k_proj, a.vision_k_proj), (a.v_proj, a.vision_v_proj),
              (a.o_proj, a.vision_o_proj)]
     return [(t, v) for t, v in pairs if v is not None]
+
+
+def vision_modules(layer: EVEDecoderLayer) -> list[nn.Module]:
+    """Every vision-only module of one layer: the vision copies and the EVEv1.2 gated delta (the `vision` group)."""
+    delta = [layer.vision_mlp_delta] if layer.vision_mlp_delta is not None else []
+    return [vision for _, vision in vision_pairs(layer)] + delta

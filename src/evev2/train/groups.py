@@ -1,7 +1,7 @@
 """Trainable parameter groups selected by role (module identity), never by name substrings.
 
 * `patch_embed`: the two convs and the class/split vectors.
-* `vision`: every vision copy in the decoder layers.
+* `vision`: every vision copy in the decoder layers, and the EVEv1.2 gated deltas (dW and their gates).
 * `text`: the text weights of the decoder layers and the final norm (the LLM body).
 * `embeddings`: the token embedding and the LM head.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from evev2.model import EVEForCausalLM
-from evev2.model.modeling_eve import vision_pairs
+from evev2.model.modeling_eve import vision_modules
 
 
 def parameter_groups(model: EVEForCausalLM) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -25,7 +25,7 @@ def parameter_groups(model: EVEForCausalLM) -> dict[str, list[tuple[str, nn.Para
 
     claim("patch_embed", model.model.patch_embed)
     for layer in model.model.layers:
-        for _, vision in vision_pairs(layer):
+        for vision in vision_modules(layer):
             claim("vision", vision)
     claim("embeddings", model.model.embed_tokens)
     claim("embeddings", model.lm_head)
@@ -44,5 +44,6 @@ def freeze_except(model: EVEForCausalLM, trainable: list[str]) -> dict[str, list
         for _, p in params:
             p.requires_grad_(group in trainable)
     if "vision" in trainable and not groups["vision"]:
-        raise ValueError("recipe trains the 'vision' group but the model has no vision copies (modality_split is empty)")
+        raise ValueError("recipe trains the 'vision' group but the model has no vision weights (modality_split is empty "
+                         "and vision_mlp_reparam is off)")
     return {g: groups[g] for g in trainable if groups[g]}

@@ -1,0 +1,201 @@
+"""`evev2 ablate`: world -> stage-0 LLM -> stage 1 (once) -> per variant and seed: stage 2 -> caption loss and text
+perplexity -> shared SFT -> held-out VQA, BLEU-4 and text perplexity.
+
+The paper's protocol (EVEv2 Table 3 / Figure 5): stage 2 trains what differs between the variants (`stage2_trainable`:
+the LLM for v1.0, patch embedding + vision weights with the LLM frozen for the others); then one SFT stage, the same
+for all, trains the whole model on instruction data, and only then is VQA measured. The world, the stage-0 LLM and the
+recipes are the demo's (`build_world`, `build_llm`, `recipes/tiny/stage1.toml`, `stage2_2.toml`, `stage3.toml`), run
+through the same `Trainer`. Within a stage, data, order, steps and schedule are identical for every variant, so every
+variant sees the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evev2.ablate.measure import caption_loss, run_tokens
+from evev2.ablate.plan import ABLATION_VARIANTS, FULL_ABLATION, QUICK_ABLATION, AblationPlan
+from evev2.ablate.report import ablation_table, plot_ablation_curves, summarize, verdict
+from evev2.ablate.variants import derive_variant, parameter_counts, sft_trainable, stage2_trainable
+from evev2.data.synth_language import QA_TYPES
+from evev2.demo.evaluate import evaluate_heldout, split_question_file
+from evev2.demo.language import text_perplexity
+from evev2.demo.pipeline import DEFAULT_RECIPES, build_llm, build_world, stage_overrides
+from evev2.infer.engine import InferenceEngine
+from evev2.model.convert import convert_llm
+from evev2.train.engine import Trainer
+from evev2.train.recipe import load_recipe
+
+log = logging.getLogger(__name__)
+
+OWNED = ("world", "stage0", "stage1", "runs", "eval")
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train(recipe_file: Path, output: Path, steps: int, overrides: tuple[str, ...]) -> tuple[Path, Path]:
+    """One stage through the demo's recipe rebasing and the training engine; returns (export, metrics.jsonl)."""
+    recipe = load_recipe(recipe_file, stage_overrides(recipe_file, output, steps, overrides))
+    export = Trainer(recipe, recipe.output).train()
+    if export is None:
+        raise SystemExit(f"{recipe.name} stopped before its last step (SIGTERM); its checkpoint is in {recipe.output}")
+    return export, Path(recipe.output) / "metrics.jsonl"
+
+
+def _language_and_captions(export: Path, files: dict[str, Any]) -> dict[str, Any]:
+    """After stage 2: teacher-forced held-out caption loss (how well vision was learned) and text-only perplexity
+    (how much language stage 2 kept). Neither needs the model to answer questions, so both are fair before SFT."""
+    engine = InferenceEngine.from_pretrained(export)
+    captions = caption_loss(engine.model, engine.processor, files["caption_records"], files["root"])
+    return {"caption_loss": captions,
+            "text_perplexity": text_perplexity(engine.model, engine.tokenizer, files["text"])}
+
+
+def _evaluate(export: Path, files: dict[str, Any], out: Path, plan: AblationPlan) -> dict[str, Any]:
+    """After SFT: held-out VQA (model and blind), caption BLEU-4, text perplexity and parameter counts of one model."""
+    engine = InferenceEngine.from_pretrained(export)
+    heldout = evaluate_heldout(engine, files["qa"], files["captions"], files["root"], out, plan.eval_batch_size)
+    model, blind = heldout["model"], heldout["blind"]
+    metrics = {kind: model[f"{kind}/accuracy"] / 100 for kind in QA_TYPES if f"{kind}/accuracy" in model}
+    metrics.update(overall=model["accuracy"] / 100, blind_overall=blind["accuracy"] / 100,
+                   caption_bleu4=heldout["captions"]["caption/bleu4"],
+                   perplexity_sft=text_perplexity(engine.model, engine.tokenizer, files["text"]))
+    return {"metrics": metrics, "heldout": heldout, "parameters": parameter_counts(engine.model)}
+
+
+def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path = DEFAULT_RECIPES) -> dict[str, Any]:
+    """The whole study; returns what it writes to `output/ablation.json`."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    for name in OWNED:  # never mix a previous run's models or predictions into this one
+        shutil.rmtree(output / name, ignore_errors=True)
+    started, load_at_start = time.perf_counter(), os.getloadavg()
+    phases: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = now - since
+        log.info("ablate: %s took %.1f s (%.1f s so far)", name, phases[name], now - started)
+        return now
+
+    mark = time.perf_counter()
+    folders = build_world(plan.world, output / "world")
+    mark = lap("world", mark)
+    llm, perplexity_before = build_llm(plan.world, folders, output / "stage0")
+    convert_llm(llm, output / "stage0" / "eve", variant="v1.0", patch_hidden_size=plan.world.patch_hidden_size)
+    mark = lap("stage0", mark)
+    stage1, stage1_metrics = _train(recipes / "stage1.toml", output, plan.stage1_steps, plan.stage1_overrides)
+    mark = lap("stage1", mark)
+
+    questions = folders["heldout"] / "heldout_questions.jsonl"
+    qa_file, caption_file = split_question_file(questions, output / "eval", plan.caption_bleu_images)
+    files = {"qa": qa_file, "captions": caption_file, "root": folders["heldout"],
+             "caption_records": [r for r in map(json.loads, _lines(questions)) if r["type"] == "caption"],
+             "text": _lines(folders["heldout"] / "heldout_text.txt")}
+    runs, variants, curves = [], {}, {v: [] for v in ABLATION_VARIANTS}
+    for seed in range(seeds):
+        for variant in ABLATION_VARIANTS:
+            name, folder = f"{variant}-seed{seed}", output / "runs" / f"{variant}-seed{seed}"
+            trainable = {"stage2": list(stage2_trainable(variant)), "sft": list(sft_trainable(variant))}
+            seeded = (f"train.seed={seed}", f"data.seed={seed}")
+            derive_variant(stage1, folder / "init", variant, seed)
+            stage2, stage2_metrics = _train(
+                recipes / "stage2_2.toml", output, plan.stage2_steps,
+                (*plan.stage2_overrides, f"model.source={folder / 'init'}", f"output={folder / 'stage2'}",
+                 f"train.trainable={json.dumps(trainable['stage2'])}", *seeded))
+            mark = lap(f"{name} stage2", mark)
+            after_stage2 = _language_and_captions(stage2, files)
+            mark = lap(f"{name} stage2-eval", mark)
+            sft, sft_metrics = _train(
+                recipes / "stage3.toml", output, plan.sft_steps,
+                (*plan.sft_overrides, f"model.source={stage2}", f"output={folder / 'sft'}",
+                 f"train.trainable={json.dumps(trainable['sft'])}", *seeded))
+            mark = lap(f"{name} sft", mark)
+            evaluated = _evaluate(sft, files, folder / "eval", plan)
+            mark = lap(f"{name} eval", mark)
+            evaluated["metrics"].update(
+                caption_loss=after_stage2["caption_loss"]["loss"], perplexity_stage2=after_stage2["text_perplexity"],
+                stage2_s=phases[f"{name} stage2"], sft_s=phases[f"{name} sft"],
+                eval_s=phases[f"{name} stage2-eval"] + phases[f"{name} eval"])
+            tokens = {"stage2": run_tokens(stage2_metrics), "sft": run_tokens(sft_metrics)}
+            runs.append({"variant": variant, "seed": seed, "tokens": tokens, "trainable": trainable,
+                         "models": {"stage2": str(stage2), "sft": str(sft)},
+                         "stage2_caption_loss": after_stage2["caption_loss"], **evaluated})
+            curves[variant].append(stage2_metrics)
+            variants.setdefault(variant, {"parameters": evaluated["parameters"], "tokens": tokens,
+                                          "trainable": trainable})
+
+    summary = summarize(runs)
+    first = runs[0]["heldout"]["model"]
+    results = {
+        "summary": summary,
+        "verdict": verdict(summary),
+        "variants": variants,
+        "chance": {kind: first[f"{kind}/chance"] / 100 for kind in QA_TYPES if f"{kind}/chance" in first},
+        "text_perplexity_before": perplexity_before,
+        "stage1_tokens": run_tokens(stage1_metrics),
+        "runs": runs,
+        "plan": {"seeds": seeds, "stage1_steps": plan.stage1_steps, "stage2_steps": plan.stage2_steps,
+                 "sft_steps": plan.sft_steps, "stage1_overrides": list(plan.stage1_overrides),
+                 "stage2_overrides": list(plan.stage2_overrides), "sft_overrides": list(plan.sft_overrides),
+                 "train_images": plan.world.train_images, "heldout_images": plan.world.heldout_images,
+                 "llm": vars(plan.world.llm), "llm_steps": plan.world.llm_steps,
+                 "stage1": "trained once on EVEv1.0, every variant derived from it (derive_variant)",
+                 "stage2": "recipes/tiny/stage2_2.toml, variant-specific trainable groups (Figure 5)",
+                 "sft": "recipes/tiny/stage3.toml from each variant's stage-2 export, the whole model, same for all"},
+        "files": {"loss_plot": str(plot_ablation_curves(curves, output / "ablation_loss.png"))},
+        "machine": {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "python": sys.version.split()[0], "torch": torch.__version__,
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                    # > threads means other jobs shared the CPU and the wall times are pessimistic
+                    "load_average_at_start": list(load_at_start), "load_average_at_end": list(os.getloadavg())},
+        "timing": {"total_s": time.perf_counter() - started, "phases": phases},
+    }
+    (output / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def ablate_cli(output: Path = Path("runs/ablate"), quick: bool = False, seeds: int = 1,
+               recipes: Path = DEFAULT_RECIPES) -> dict[str, Any]:
+    """Train EVEv1.0, v1.2, v1.5 and v2.0 from one stage-0 LLM on the same tokens and compare them.
+
+    The paper's protocol in miniature: stage 2 with variant-specific trainable weights (Figure 5: its loss curves,
+    held-out caption loss and text-only perplexity after it), then one shared SFT stage of the whole model, then
+    held-out VQA accuracy per type (beside chance and a blind baseline), caption BLEU-4 and text perplexity. Also
+    parameters total and active per token, tokens and wall time per stage. Writes ablation.json and
+    ablation_loss.png, prints a markdown table and whether the result agrees with the paper's claim that v2.0 learns
+    vision best and keeps language best.
+
+    Args:
+        output: run folder; its ablation subfolders are replaced.
+        quick: the half-minute smoke version (tiny world, a few steps), as the tests run it.
+        seeds: seeds per variant (data order of stage 2 and SFT, init of v1.2's dW); with more than one, mean ± std.
+        recipes: folder with the demo's stage1.toml, stage2_2.toml and stage3.toml.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = run_ablation(output, QUICK_ABLATION if quick else FULL_ABLATION, seeds, recipes)
+    machine = results["machine"]
+    print("\n" + ablation_table(results))
+    print(f"\ntext-only perplexity before (stage-0 LLM): {results['text_perplexity_before']:.3f}")
+    print("\n".join(results["verdict"]["lines"]))
+    print(f"\nwall time {results['timing']['total_s'] / 60:.1f} min on {machine['cpus']} CPUs, {machine['date_utc']}; "
+          f"load averages at start {', '.join(f'{x:.2f}' for x in machine['load_average_at_start'])}, at end "
+          f"{', '.join(f'{x:.2f}' for x in machine['load_average_at_end'])}; files: {output}/ablation.json, "
+          f"{results['files']['loss_plot']}")
+    return results
