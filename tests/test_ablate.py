@@ -15,10 +15,10 @@ import torch
 
 from evev2.ablate.plan import ABLATION_VARIANTS
 from evev2.ablate.report import ablation_table, summarize, verdict
-from evev2.ablate.variants import derive_variant, parameter_counts
+from evev2.ablate.variants import derive_variant, parameter_counts, sft_trainable
 from evev2.cli import main as cli
 from evev2.model import EVEForCausalLM
-from evev2.train.groups import parameter_groups
+from evev2.train.groups import freeze_except, parameter_groups
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,8 @@ def test_derived_variants_equal_the_stage1_model(ablation, tmp_path):
         counts = parameter_counts(model)
         vision = sum(p.numel() for _, p in parameter_groups(model)["vision"])
         assert counts["total"] == sum(p.numel() for p in model.parameters()) and (vision > 0) == (variant != "v1.0")
+        freeze_except(model, list(sft_trainable(variant)))  # SFT trains the whole model, v1.0 included
+        assert all(p.requires_grad for p in model.parameters())
 
 
 def _run(variant: str, overall: float, caption: float, ppl: float, ppl_sft: float = 4.0) -> dict:

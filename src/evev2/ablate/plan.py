@@ -2,9 +2,10 @@
 
 Every variant gets the same stage-2 steps on the same samples in the same order, hence the same training tokens, and
 then the same SFT steps on the same samples (the paper's protocol: VQA is measured after a shared SFT stage, since a
-variant whose LLM stayed frozen in stage 2 cannot answer questions yet). The full plan is sized for about 25 minutes on
-2 CPU cores, one seed (measured: ~0.73 s per stage-2 step, ~1.0-1.4 s per SFT step, ~28 s of evaluation per variant,
-~70 s for world, stage 0 and stage 1). `--quick` is the half-minute version the tests run.
+variant whose LLM stayed frozen in stage 2 cannot answer questions yet). The full plan takes about 23 minutes on 2 CPU
+cores with one seed (measured 2026-11-27: 65 s for world, stage 0 and stage 1; per variant 200-230 s of stage 2 (300
+steps), 6 s of caption loss and perplexity, 82-90 s of SFT (100 steps) and 23-26 s of evaluation); a second seed does
+not fit in 30 minutes. `--quick` is the half-minute version the tests run (about 15 s).
 """
 
 from __future__ import annotations

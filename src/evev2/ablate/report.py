@@ -1,4 +1,4 @@
-"""The ablation's summary: mean and spread over seeds, the verdict on the paper's claim, the table and the Figure-5 plot."""
+"""The ablation's summary: mean and spread over seeds, the verdict on the paper's claim, table and Figure-5 plot."""
 
 from __future__ import annotations
 
