@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from evev2.data.processor import EVEProcessor
 from evev2.data.samples import DataStats, RawRecord, Sample, SampleBuilder
 from evev2.data.templates import IGNORE_INDEX, IMAGE_MARKER
 from evev2.model import EVEForCausalLM
+from evev2.train.engine import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,6 @@ def caption_loss(model: EVEForCausalLM, processor: EVEProcessor, records: list[d
 
 def run_tokens(metrics: Path) -> dict[str, int]:
     """Spliced and supervised tokens of a training run, summed over its metrics.jsonl steps."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics)
     return {"steps": len(rows), "tokens": sum(r["tokens"] for r in rows),
             "supervised_tokens": sum(r["supervised_tokens"] for r in rows)}

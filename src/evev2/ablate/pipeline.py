@@ -31,7 +31,8 @@ from evev2.ablate.variants import derive_variant, parameter_counts, sft_trainabl
 from evev2.data.synth_language import QA_TYPES
 from evev2.demo.evaluate import evaluate_heldout, split_question_file
 from evev2.demo.language import text_perplexity
-from evev2.demo.pipeline import DEFAULT_RECIPES, build_llm, build_world, stage_overrides
+from evev2.demo.pipeline import (DEFAULT_RECIPES, build_llm, build_world, nonblank_lines,
+                                 stage_overrides)
 from evev2.infer.engine import InferenceEngine
 from evev2.model.convert import convert_llm
 from evev2.train.engine import Trainer
@@ -40,10 +41,6 @@ from evev2.train.recipe import load_recipe
 log = logging.getLogger(__name__)
 
 OWNED = ("world", "stage0", "stage1", "runs", "eval")
-
-
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()]
 
 
 def _train(recipe_file: Path, output: Path, steps: int, overrides: tuple[str, ...]) -> tuple[Path, Path]:
@@ -105,8 +102,8 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
     questions = folders["heldout"] / "heldout_questions.jsonl"
     qa_file, caption_file = split_question_file(questions, output / "eval", plan.caption_bleu_images)
     files = {"qa": qa_file, "captions": caption_file, "root": folders["heldout"],
-             "caption_records": [r for r in map(json.loads, _lines(questions)) if r["type"] == "caption"],
-             "text": _lines(folders["heldout"] / "heldout_text.txt")}
+             "caption_records": [r for r in map(json.loads, nonblank_lines(questions)) if r["type"] == "caption"],
+             "text": nonblank_lines(folders["heldout"] / "heldout_text.txt")}
     runs, variants, curves = [], {}, {v: [] for v in ABLATION_VARIANTS}
     for seed in range(seeds):
         for variant in ABLATION_VARIANTS:

@@ -94,7 +94,7 @@ def build_world(plan: DemoPlan, world: Path) -> dict[str, Path]:
     return folders
 
 
-def _lines(path: Path) -> list[str]:
+def nonblank_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -102,11 +102,12 @@ def build_llm(plan: DemoPlan, folders: dict[str, Path], out: Path) -> tuple[Path
     """Tokenizer + stage-0 LLM trained on the full world's training text; returns its folder and held-out perplexity."""
     full = folders[f"level{max(plan.train_images)}"]
     records = json.loads((full / "train.json").read_text())
-    documents = _lines(full / "train_text.txt") + chat_documents(records, CHAT_TEMPLATE)
+    documents = nonblank_lines(full / "train_text.txt") + chat_documents(records, CHAT_TEMPLATE)
     tokenizer = train_world_tokenizer(documents, plan.vocab_size)
     llm = pretrain_llm(tokenizer, documents, out, plan.llm, plan.llm_steps, plan.llm_batch_rows)
     model = Qwen2ForCausalLM.from_pretrained(llm, dtype=torch.float32)
-    perplexity = text_perplexity(model, AutoTokenizer.from_pretrained(llm), _lines(folders["heldout"] / "heldout_text.txt"))
+    perplexity = text_perplexity(model, AutoTokenizer.from_pretrained(llm),
+                                 nonblank_lines(folders["heldout"] / "heldout_text.txt"))
     return llm, perplexity
 
 
@@ -146,11 +147,11 @@ def run_demo(output: Path, plan: DemoPlan, recipes: Path = DEFAULT_RECIPES) -> d
     heldout = evaluate_heldout(engine, qa_file, caption_file, folders["heldout"], output / "eval",
                                plan.eval_batch_size)
     perplexity_after = text_perplexity(engine.model, engine.tokenizer,
-                                       _lines(folders["heldout"] / "heldout_text.txt"))
+                                       nonblank_lines(folders["heldout"] / "heldout_text.txt"))
     clock.lap("eval")
     predictions = {**read_predictions(Path(heldout["predictions"]["final"])),
                    **read_predictions(Path(heldout["predictions"]["final-captions"]))}
-    records = [json.loads(line) for line in _lines(folders["heldout"] / "heldout_questions.jsonl")]
+    records = [json.loads(line) for line in nonblank_lines(folders["heldout"] / "heldout_questions.jsonl")]
     sheet = contact_sheet(records, predictions, folders["heldout"], output / "contact_sheet.png",
                           plan.contact_sheet_images)
     example = folders["heldout"] / records[0]["image"]

@@ -284,6 +284,11 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (one JSON object per logged step)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def plot_loss_curves(runs: dict[str, Path], out: Path) -> None:
     """One PNG with the loss curve of each run (metrics.jsonl files), labelled by name."""
     import matplotlib
@@ -293,7 +298,7 @@ def plot_loss_curves(runs: dict[str, Path], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, path in runs.items():
-        rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+        rows = read_metrics(path)
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (supervised tokens)")
