@@ -5,6 +5,10 @@ Parameters without a default become positional arguments, keyword-only ones with
 `--flags`, and the others optional `--flags`. A function may take a
 trailing `overrides: list[str]` to accept free `key=value` arguments. A command's module is imported only when that
 command runs (training, serving and evaluation stacks stay out of each other's start-up).
+
+A user error (`evev2.errors.UserError`: a malformed recipe, broken data; or a missing file) ends the `evev2` console
+script with one line, `evev2: error: <message>`, and exit code 2; `evev2 --debug ...` (or `EVEV2_DEBUG=1`) shows the
+traceback instead (`--debug` goes before or after the command words).
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
+import os
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Callable
+
+from evev2.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEBUG_HELP = ("on a user error (bad recipe, missing file) show the traceback instead of one line "
+              "(also: EVEV2_DEBUG=1)")
 
 # command words -> ("module:function", one-line help). Keep sorted by command.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -92,6 +105,7 @@ def _add_function(parser: argparse.ArgumentParser, fn: Callable) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evev2", description="Encoder-free vision-language models (EVEv2.0).")
+    parser.add_argument("--debug", dest="_debug", action="store_true", help=DEBUG_HELP)
     tree: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command", required=True)}
     groups: dict[tuple[str, ...], argparse.ArgumentParser] = {}
     for words, (target, help_text) in sorted(COMMANDS.items()):
@@ -110,6 +124,14 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
+def command_parser(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The subparser of the command `words` (a key of COMMANDS) in `build_parser()`'s tree."""
+    for word in words:
+        parser = next(a for a in parser._subparsers._group_actions
+                      if isinstance(a, argparse._SubParsersAction)).choices[word]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -117,21 +139,41 @@ def main(argv: list[str] | None = None) -> Any:
     words = tuple(a for a in argv if not a.startswith("-"))
     for n in range(len(words), 0, -1):
         if words[:n] in COMMANDS:
-            target = COMMANDS[words[:n]][0]
-            sub = parser
-            for w in words[:n]:
-                sub = next(a for a in sub._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices[w]
-            _add_function(sub, _resolve(target))
+            sub = command_parser(parser, words[:n])
+            _add_function(sub, _resolve(COMMANDS[words[:n]][0]))
+            sub.add_argument("--debug", dest="_debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
             break
     ns = vars(parser.parse_args(argv))
+    ns.pop("_debug", None)
     fn = _resolve(ns.pop("_target"))
     kwargs = {k: v for k, v in ns.items() if k in inspect.signature(fn).parameters}
     return fn(**kwargs)
 
 
+def _wants_debug(argv: list[str]) -> bool:
+    """`--debug` before or after the command words, or `EVEV2_DEBUG=1`."""
+    return "--debug" in argv or os.environ.get("EVEV2_DEBUG", "") not in ("", "0")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def console_main() -> None:
-    """The `evev2` console script: commands return values for in-process callers, not exit codes."""
-    main()
+    """The `evev2` console script: commands return values for in-process callers, not exit codes.
+
+    A user error ends with one line on stderr and exit code 2 (as argparse's usage errors do), with the traceback
+    logged at DEBUG level for a run's log file; a bug, or `--debug`, keeps the traceback.
+    """
+    argv = sys.argv[1:]
+    try:
+        main(argv)
+    except (UserError, FileNotFoundError) as err:
+        if _wants_debug(argv):
+            raise
+        logger.debug("evev2 %s failed", " ".join(argv), exc_info=True)
+        print(f"evev2: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,11 +13,11 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
 
-from evev2.data.datasets import LlavaJsonSource, MixtureDataset, WebDatasetSource
-from evev2.data.errors import TooManyBadSamplesError
+from evev2.data.datasets import LlavaJsonSource, Mixture, WebDatasetSource
+from evev2.data.errors import SampleError, TooManyBadSamplesError
 from evev2.data.image_processing import EVEImageProcessor, num_image_tokens
 from evev2.data.processor import EVEProcessor
-from evev2.data.samples import DataStats, SampleBuilder
+from evev2.data.samples import DataStats, SampleBuilder, Skip
 from evev2.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 BUDGET = 160
@@ -101,37 +102,57 @@ def processor(qwen_tokenizer_dir):
     return EVEProcessor(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), EVEImageProcessor(max_size=64), "eve")
 
 
-def make_sources(world, processor, stats, seed=0):
+def make_sources(world, processor, seed=0):
     builder = SampleBuilder(processor, max_tokens=BUDGET)
     root = world["root"]
     return [
-        LlavaJsonSource("jsonl", root / "mixed.jsonl", builder, stats, image_root=root / "images", seed=seed),
-        LlavaJsonSource("index", root / "index.json", builder, stats, image_root=root / "images", seed=seed),
-        WebDatasetSource("web", world["shards"], builder, stats, seed=seed, shuffle_buffer=5),
+        LlavaJsonSource("jsonl", root / "mixed.jsonl", builder, image_root=root / "images", seed=seed),
+        LlavaJsonSource("index", root / "index.json", builder, image_root=root / "images", seed=seed),
+        WebDatasetSource("web", world["shards"], builder, seed=seed, shuffle_buffer=5),
     ]
 
 
-def test_jsonl_source_counts_every_broken_record_and_keeps_going(world, processor, caplog):
-    stats = DataStats(max_bad_fraction=1.0)
+def first_epoch(source) -> tuple[list, list[Skip]]:
+    """Build every item of the source's epoch 0: (samples, skips), in stream order."""
+    samples, skips = [], []
+    while True:
+        item = source.next_item()
+        skips += source.read_skips
+        source.read_skips.clear()
+        if source.epoch:
+            return samples, skips
+        try:
+            samples.append(source.build(item))
+        except SampleError as err:
+            skips.append(Skip(err.reason, source.name, str(err)))
+
+
+def record(stats: DataStats, samples: list, skips: list[Skip]) -> None:
+    stats.record_kept(len(samples))
+    for skip in skips:
+        stats.record_skip(skip.reason, skip.source, skip.detail)
+
+
+def test_jsonl_source_names_every_broken_record_and_keeps_going(world, processor, caplog):
     builder = SampleBuilder(processor, max_tokens=BUDGET)
     root = world["root"]
-    # File order: good records first, so epoch 1 starts with a good one and adds no skips.
-    source = LlavaJsonSource("jsonl", root / "mixed.jsonl", builder, stats, image_root=root / "images", shuffle=False)
+    source = LlavaJsonSource("jsonl", root / "mixed.jsonl", builder, image_root=root / "images", shuffle=False)
+    samples, skips = first_epoch(source)
+    assert Counter(s.reason for s in skips) == world["expected"]
+    assert [s.sample_id for s in samples] == [f"img{i}" for i in range(6)] + [f"txt{i}" for i in range(4)]
+    assert source.epoch == 1 and source.position == 1  # the stream goes on into the next epoch
+    stats = DataStats(max_bad_fraction=1.0)
     with caplog.at_level(logging.WARNING, logger="evev2.data.samples"):
-        samples = []
-        while source.epoch == 0:  # the run goes on past every broken record into the next epoch
-            samples.append(source.next_sample())
-    assert dict(stats.skipped) == world["expected"]
-    assert stats.kept == world["num_good"] + 1 and stats.seen == world["num_lines"] + 1
-    assert [s.sample_id for s in samples[:-1]] == [f"img{i}" for i in range(6)] + [f"txt{i}" for i in range(4)]
+        record(stats, samples, skips)
+    assert dict(stats.skipped) == world["expected"] and stats.kept == world["num_good"]
+    assert stats.seen == world["num_lines"]
     assert "missing_image" in caplog.text and "too_long" in caplog.text and "bad_image" in caplog.text
 
 
 def test_samples_carry_ids_labels_images_and_spliced_length(world, processor):
-    stats = DataStats(max_bad_fraction=1.0)
-    source = make_sources(world, processor, stats)[0]
-    for _ in range(world["num_good"]):
-        sample = source.next_sample()
+    samples, _ = first_epoch(make_sources(world, processor)[0])
+    assert len(samples) == world["num_good"]
+    for sample in samples:
         n_images = int((sample.input_ids == IMAGE_TOKEN_INDEX).sum())
         assert n_images == len(sample.images) == (1 if sample.sample_id.startswith("img") else 0)
         assert all(p.shape[0] == 3 and p.shape[1] % 32 == 0 and p.shape[2] % 32 == 0 for p in sample.images)
@@ -143,79 +164,83 @@ def test_samples_carry_ids_labels_images_and_spliced_length(world, processor):
 
 
 def test_index_mode_reads_one_file_per_sample(world, processor):
-    stats = DataStats(max_bad_fraction=1.0)
-    source = make_sources(world, processor, stats)[1]
+    source = make_sources(world, processor)[1]
     assert source.mode == "index"
-    ids = {source.next_sample().sample_id for _ in range(5)}
-    assert ids == {"img0", "img1", "img2", "img3", "img4"} and dict(stats.skipped) == {"malformed_record": 1}
+    samples, skips = first_epoch(source)
+    assert {s.sample_id for s in samples} == {"img0", "img1", "img2", "img3", "img4"}
+    assert [s.reason for s in skips] == ["malformed_record"]
 
 
 def test_webdataset_source_streams_all_shards_and_counts_a_truncated_tar(world, processor):
-    stats = DataStats(max_bad_fraction=1.0)
     builder = SampleBuilder(processor, max_tokens=BUDGET)
-    source = WebDatasetSource("web", world["shards"] + [world["truncated"]], builder, stats, shuffle_buffer=4)
-    ids = []
-    while source.epoch == 0:
-        ids.append(source.next_sample().sample_id)
-    first_epoch = ids[:-1]  # the last one already belongs to epoch 1
+    source = WebDatasetSource("web", world["shards"] + [world["truncated"]], builder, shuffle_buffer=4)
+    samples, skips = first_epoch(source)
+    ids = [s.sample_id for s in samples]
     clean = {f"shard-{s}.tar/s{s}k{k}" for s in range(3) for k in range(8)}
-    assert clean <= set(first_epoch) and len(set(first_epoch)) == len(first_epoch)
-    assert stats.skipped["truncated_tar"] >= 1
-    assert first_epoch != sorted(first_epoch)  # the shuffle buffer is on
+    assert clean <= set(ids) and len(set(ids)) == len(ids)
+    assert "truncated_tar" in {s.reason for s in skips}
+    assert ids != sorted(ids)  # the shuffle buffer is on
 
 
-def test_records_split_across_ranks_are_disjoint_and_complete(world, processor, monkeypatch):
+@pytest.mark.parametrize("kind", ["jsonl", "web"])
+def test_records_split_across_ranks_are_disjoint_and_complete(world, processor, kind):
+    builder = SampleBuilder(processor, max_tokens=BUDGET)
+    root, ranks = world["root"], 2 if kind == "jsonl" else 3
     seen = []
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        stats = DataStats(max_bad_fraction=1.0)
-        source = make_sources(world, processor, stats)[0]
-        ids = []
-        while source.epoch == 0:
-            ids.append(source.next_sample().sample_id)
-        seen.append(set(ids[:-1]))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == {f"img{i}" for i in range(6)} | {f"txt{i}" for i in range(4)}
+    for rank in range(ranks):
+        source = (LlavaJsonSource("jsonl", root / "mixed.jsonl", builder, image_root=root / "images", rank=rank,
+                                  world=ranks) if kind == "jsonl" else
+                  WebDatasetSource("web", world["shards"], builder, rank=rank, world=ranks))
+        seen.append({s.sample_id for s in first_epoch(source)[0]})
+    assert sum(len(ids) for ids in seen) == len(set.union(*seen))  # disjoint
+    if kind == "jsonl":
+        assert set.union(*seen) == {f"img{i}" for i in range(6)} | {f"txt{i}" for i in range(4)}
+    else:  # one whole shard per rank
+        assert set.union(*seen) == {f"shard-{s}.tar/s{s}k{k}" for s in range(3) for k in range(8)}
+        assert all(len({i.split("/")[0] for i in ids}) == 1 for ids in seen)
 
 
 def test_mixture_follows_its_weights(world, processor):
-    stats = DataStats(max_bad_fraction=1.0)
-    mixture = MixtureDataset(make_sources(world, processor, stats), weights=[2, 1, 1], seed=3)
-    draws = [sample.source for sample, _ in zip(mixture, range(400))]
+    mixture = Mixture(make_sources(world, processor), weights=[2, 1, 1], seed=3)
+    draws = [mixture.next_draw()[0].name for _ in range(400)]
     shares = np.array([draws.count(name) for name in ("jsonl", "index", "web")]) / len(draws)
     assert np.allclose(shares, [0.5, 0.25, 0.25], atol=0.06), shares
 
 
 def test_mixture_resumes_exactly_from_its_state(world, processor):
-    stats = DataStats(max_bad_fraction=1.0)
-    mixture = MixtureDataset(make_sources(world, processor, stats, seed=5), weights=[1, 1, 1], seed=11)
-    stream = iter(mixture)
-    for _ in range(23):
-        next(stream)
-    state = json.loads(json.dumps(mixture.state_dict()))  # the state survives a JSON round trip
-    remainder = [next(stream) for _ in range(30)]
+    def build(source, item):
+        try:
+            return source.build(item)
+        except SampleError as err:
+            return err.reason
 
-    fresh_stats = DataStats(max_bad_fraction=1.0)
-    resumed = MixtureDataset(make_sources(world, processor, fresh_stats, seed=5), weights=[1, 1, 1], seed=11)
+    mixture = Mixture(make_sources(world, processor, seed=5), weights=[1, 1, 1], seed=11)
+    for _ in range(23):
+        mixture.next_draw()
+    state = json.loads(json.dumps(mixture.state_dict()))  # the state survives a JSON round trip
+    remainder = [build(*mixture.next_draw()) for _ in range(30)]
+
+    resumed = Mixture(make_sources(world, processor, seed=5), weights=[1, 1, 1], seed=11)
     resumed.load_state_dict(state)
-    again = [next(iter(resumed)) for _ in range(30)]
-    assert [(s.source, s.sample_id) for s in again] == [(s.source, s.sample_id) for s in remainder]
-    assert all((a.input_ids == b.input_ids).all() and len(a.images) == len(b.images) for a, b in zip(again, remainder))
-    assert fresh_stats.state_dict() == stats.state_dict()
+    again = [build(*resumed.next_draw()) for _ in range(30)]
+    assert [getattr(s, "sample_id", s) for s in again] == [getattr(s, "sample_id", s) for s in remainder]
+    assert any(isinstance(s, str) for s in again) and any(not isinstance(s, str) for s in again)
+    assert all((a.input_ids == b.input_ids).all() and len(a.images) == len(b.images)
+               for a, b in zip(again, remainder) if not isinstance(a, str))
 
 
 def test_guard_fails_the_run_when_too_many_samples_are_bad(world, processor):
     stats = DataStats(max_bad_fraction=0.2, min_seen=5)
-    source = make_sources(world, processor, stats)[0]
+    samples, skips = first_epoch(make_sources(world, processor)[0])
     with pytest.raises(TooManyBadSamplesError, match="unusable"):
-        for _ in range(3 * world["num_good"]):
-            source.next_sample()
+        record(stats, samples, skips)
     assert stats.bad_fraction > 0.2 and stats.seen >= 5
+    quiet = DataStats(max_bad_fraction=0.2, min_seen=10_000)  # too few seen yet: the guard waits
+    record(quiet, samples, skips)
 
 
-def test_a_source_with_no_usable_sample_fails_loudly(tmp_path, processor):
-    (tmp_path / "bad.jsonl").write_text('{"conversations": []}\n{"broken\n')
-    source = LlavaJsonSource("bad", tmp_path / "bad.jsonl", SampleBuilder(processor, BUDGET), DataStats(1.0))
-    with pytest.raises(RuntimeError, match="no usable sample"):
-        source.next_sample()
+def test_a_source_with_no_records_for_its_rank_fails_loudly(tmp_path, processor):
+    (tmp_path / "one.jsonl").write_text('{"conversations": []}\n')
+    source = LlavaJsonSource("one", tmp_path / "one.jsonl", SampleBuilder(processor, BUDGET), rank=1, world=2)
+    with pytest.raises(RuntimeError, match="no records for rank 1 of 2"):
+        source.next_item()

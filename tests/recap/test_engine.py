@@ -165,9 +165,9 @@ def test_ranks_split_the_shards_and_rank0_reports_all(tmp_path, world_shards, sc
 def test_recap_output_feeds_a_weighted_training_mixture(tmp_path, world_shards, tiny_vlm_dir, scripted_captioner):
     """synthetic : language-only : recap = 1 : 1 : 1, as a recipe lists them; recap samples train on the new
     caption under the `plain` template (the input shards' multi-turn records could not: `plain` refuses them)."""
-    from evev2.data.datasets import LlavaJsonSource, MixtureDataset, WebDatasetSource
+    from evev2.data.datasets import LlavaJsonSource, Mixture, WebDatasetSource
     from evev2.data.processor import EVEProcessor
-    from evev2.data.samples import DataStats, SampleBuilder
+    from evev2.data.samples import SampleBuilder
     from evev2.data.templates import IGNORE_INDEX
 
     run_recap(scripted_captioner(), _shards(world_shards), tmp_path / "recap", RecapSettings("cap"))
@@ -177,13 +177,14 @@ def test_recap_output_feeds_a_weighted_training_mixture(tmp_path, world_shards, 
 
     loaded = EVEProcessor.from_pretrained(tiny_vlm_dir)
     processor = EVEProcessor(loaded.tokenizer, loaded.image_processor, template="plain")
-    builder, stats = SampleBuilder(processor, max_tokens=1024), DataStats()
-    sources = [LlavaJsonSource("synthetic", world_shards / "train_captions.json", builder, stats),
-               LlavaJsonSource("language-only", tmp_path / "text.json", builder, stats),
-               WebDatasetSource("recap", sorted(map(str, (tmp_path / "recap").glob("*.tar"))), builder, stats)]
-    mixture = MixtureDataset(sources, [1, 1, 1], seed=0)
-    samples = [mixture.next_sample() for _ in range(30)]
-    assert {s.source for s in samples} == {"synthetic", "language-only", "recap"} and stats.num_skipped == 0
+    builder = SampleBuilder(processor, max_tokens=1024)
+    sources = [LlavaJsonSource("synthetic", world_shards / "train_captions.json", builder),
+               LlavaJsonSource("language-only", tmp_path / "text.json", builder),
+               WebDatasetSource("recap", sorted(map(str, (tmp_path / "recap").glob("*.tar"))), builder)]
+    mixture = Mixture(sources, [1, 1, 1], seed=0)
+    samples = [source.build(item) for source, item in (mixture.next_draw() for _ in range(30))]  # none is skipped
+    assert {s.source for s in samples} == {"synthetic", "language-only", "recap"}
+    assert not mixture.drain_read_skips()
     for sample in (s for s in samples if s.source == "recap"):
         supervised = processor.tokenizer.decode(sample.labels[sample.labels != IGNORE_INDEX])
         assert len(sample.images) == 1 and supervised.strip() in new_captions

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from evev2.cli import main as cli
+from evev2.data.samples import SampleBuilder
 from evev2.train.engine import Trainer
 from evev2.train.recipe import RecipeError, load_recipe
+from evev2.train.record import RecipeChangedError
 
 
 def write_recipe(path: Path, source: Path, world: Path, trainable: str, template: str = "plain", steps: int = 4,
@@ -90,9 +93,11 @@ def test_stage2_1_from_stage1_export_changes_patch_embedding_and_vision_copies(s
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    """Killed and resumed with 2 data workers, the run equals an uninterrupted one without workers."""
     recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=5,
                           extra="[checkpoint]\nevery = 1\nkeep_last = 2")
-    Trainer(load_recipe(recipe), tmp_path / "ref", show_progress=False).train()
+    recipe.write_text(recipe.read_text().replace("[optim]", "num_workers = 2\n[optim]"))
+    Trainer(load_recipe(recipe, ["data.num_workers=0"]), tmp_path / "ref", show_progress=False).train()
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output",
                              str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,6 +110,37 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dir, tiny_world_dir, 
     Trainer(load_recipe(recipe), tmp_path / "killed", resume=True, show_progress=False).train()
     assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # bit-exact on CPU
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2
+
+
+class _SlowDecoder(SampleBuilder):
+    """Adds a known delay per image, as a slow JPEG decoder would (sleeping: it leaves the CPU to the training)."""
+
+    delay_s = 0.1
+
+    def _load_images(self, images):
+        time.sleep(self.delay_s * len(images))
+        return super()._load_images(images)
+
+
+class _SlowDataTrainer(Trainer):
+    def _sample_builder(self) -> SampleBuilder:
+        return _SlowDecoder(self.processor, self.recipe.data.token_budget)
+
+
+def test_data_workers_hide_a_slow_decoder_and_change_no_loss(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    """8 images per step at 0.1 s each: 2 workers prepare steps while the model trains, on the same data."""
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=7)
+    runs = {}
+    for workers in (0, 2):
+        _SlowDataTrainer(load_recipe(recipe, [f"data.num_workers={workers}"]), tmp_path / f"w{workers}",
+                         show_progress=False).train()
+        runs[workers] = [json.loads(line) for line in (tmp_path / f"w{workers}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in runs[2]] == [r["loss"] for r in runs[0]]  # bit-identical data and numerics
+    # steady state: after step 1, for which both workers start at once (steps then alternate: one waits, one not)
+    steady = {w: statistics.mean(r["step_time_s"] for r in rows[1:]) for w, rows in runs.items()}
+    assert steady[2] <= 0.6 * steady[0], steady
+    waits = {w: statistics.mean(r["data_wait_s"] for r in rows[1:]) for w, rows in runs.items()}
+    assert waits[0] >= 8 * 0.1 and waits[2] < waits[0] / 2, waits  # in-process, the whole decode is waited for
 
 
 class _TermAfterTwo(Trainer):
@@ -120,8 +156,14 @@ def test_sigterm_saves_and_exits_cleanly(tiny_vlm_dir, tiny_world_dir, tmp_path)
     assert _TermAfterTwo(load_recipe(recipe), tmp_path / "run", show_progress=False).train() is None
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000002"]
     assert not (tmp_path / "run" / "export").exists()
-    Trainer(load_recipe(recipe), tmp_path / "run", resume=True, show_progress=False).train()
+    with pytest.raises(RecipeChangedError, match=r"optim.lr: 0.003 -> 0.001.*--force"):  # before any weight loads
+        Trainer(load_recipe(recipe, ["optim.lr=1e-3"]), tmp_path / "run", resume=True, show_progress=False)
+    # the data workers change no number: resuming with another count is accepted
+    Trainer(load_recipe(recipe, ["data.num_workers=1"]), tmp_path / "run", resume=True, show_progress=False).train()
     assert len(losses(tmp_path / "run")) == 4 and (tmp_path / "run" / "export" / "config.json").exists()
+    assert load_recipe(tmp_path / "run" / "recipe.resolved.toml") == load_recipe(recipe, ["data.num_workers=1"])
+    launches = json.loads((tmp_path / "run" / "run.json").read_text())["launches"]
+    assert len(launches) == 2 and launches[-1]["versions"]["torch"] == torch.__version__
 
 
 def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_path):
@@ -131,6 +173,20 @@ def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output", str(tmp_path / "two")],
+                   env=env, check=True, capture_output=True, timeout=300)
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(weights(tmp_path / "two" / "export"), weights(tmp_path / "one" / "export"),
+                               rtol=0, atol=1e-5)
+
+
+def test_fsdp2_with_compiled_checkpointed_layers_equals_eager_one_process(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    """The GPU default (compiled layers) with activation checkpointing under FSDP2, here on 2 gloo ranks."""
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=2)
+    Trainer(load_recipe(recipe), tmp_path / "one", show_progress=False).train()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output", str(tmp_path / "two"),
+                    "train.compile=true", "train.activation_checkpointing=true"],
                    env=env, check=True, capture_output=True, timeout=300)
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
     torch.testing.assert_close(weights(tmp_path / "two" / "export"), weights(tmp_path / "one" / "export"),

@@ -1,12 +1,11 @@
 """Sample sources (LLaVA JSON/JSONL, official index mode, WebDataset shards) and their weighted, resumable mixture.
 
-Every source is an endless, deterministic stream of good `Sample`s: it walks its records epoch by epoch in a
-seeded order, builds each with a `SampleBuilder`, and counts unusable ones in the shared `DataStats`. Its cursor
-(`epoch`, `position` = records consumed this epoch) is its whole state, so `load_state_dict` resumes exactly.
-
-Records are split across `torch.distributed` ranks and DataLoader workers (webdataset's `pytorch_worker_info`).
-`MixtureDataset.state_dict()` is exact for the iterator it is called on (the main process with `num_workers=0`,
-or a single worker).
+Reading a record is split in two, so that DataLoader workers can share one stream (see `evev2.data.loader`):
+* `next_item()` advances the source's cursor and returns the raw item: cheap, no JSON parsing, no pixel decoding;
+* `build(item)` turns an item into a `Sample` (parse, tokenize, decode and resize), or raises a `SampleError`.
+Each source walks its records epoch by epoch in a seeded order; its cursor (`epoch`, `position` = items taken this
+epoch) is its whole state, so `load_state_dict` resumes exactly. Records are split across `torch.distributed` ranks
+(`rank`, `world` are given explicitly), never across DataLoader workers.
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import webdataset as wds
-from webdataset.utils import pytorch_worker_info
 
-from evev2.data.errors import MalformedRecordError, SampleError
-from evev2.data.samples import DataStats, RawRecord, Sample, SampleBuilder
+from evev2.data.errors import MalformedRecordError
+from evev2.data.samples import RawRecord, Sample, SampleBuilder, Skip
 from evev2.data.templates import IMAGE_MARKER
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -50,55 +47,52 @@ def record_from_llava(entry: Any, default_id: str, source: str, image_root: Path
 
 
 class SampleSource:
-    """Base class: the epoch/position cursor, the skip loop and the state dict; subclasses supply records."""
+    """Base class: the epoch/position cursor and the state dict; subclasses supply and parse the items.
 
-    def __init__(self, name: str, builder: SampleBuilder, stats: DataStats, seed: int = 0) -> None:
+    `read_skips` collects what was lost while *reading* (a truncated tar): the consumer drains it after each draw.
+    """
+
+    def __init__(self, name: str, builder: SampleBuilder, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         self.name = name
         self.builder = builder
-        self.stats = stats
         self.seed = seed
+        self.rank, self.world = rank, world
         self.epoch = 0
-        self.position = 0  # records consumed in this epoch, good or bad
-        self.kept_in_epoch = 0
+        self.position = 0  # items taken in this epoch, good or bad
+        self.read_skips: list[Skip] = []
         self._items: Iterator[Any] | None = None
 
     def _open_epoch(self, epoch: int, skip: int) -> Iterator[Any]:
-        """The epoch's items in their deterministic order, the first `skip` already consumed."""
+        """This rank's items of the epoch in their deterministic order, the first `skip` already consumed."""
         raise NotImplementedError
 
-    def _to_record(self, item: Any, position: int) -> RawRecord:
+    def _to_record(self, item: Any) -> RawRecord:
         """Parse one item; raises `SampleError` when it is malformed."""
         raise NotImplementedError
 
-    def next_sample(self) -> Sample:
-        """The next usable sample; bad records are counted and skipped, epochs roll over."""
+    def next_item(self) -> Any:
+        """Advance the cursor by one item (epochs roll over); nothing is decoded."""
         while True:
             if self._items is None:
                 self._items = self._open_epoch(self.epoch, self.position)
             item = next(self._items, StopIteration)
-            if item is StopIteration:
-                if self.kept_in_epoch == 0:
-                    raise RuntimeError(
-                        f"source {self.name!r} yielded no usable sample in epoch {self.epoch} "
-                        f"({self.position} records for this rank/worker): {self.stats.summary()}"
-                    )
-                self.epoch, self.position, self.kept_in_epoch, self._items = self.epoch + 1, 0, 0, None
-                continue
-            self.position += 1
-            try:
-                sample = self.builder(self._to_record(item, self.position - 1))
-            except SampleError as err:
-                self.stats.record_skip(err.reason, self.name, str(err))
-                continue
-            self.kept_in_epoch += 1
-            self.stats.record_kept()
-            return sample
+            if item is not StopIteration:
+                self.position += 1
+                return item
+            if self.position == 0:
+                raise RuntimeError(f"source {self.name!r} has no records for rank {self.rank} of {self.world} "
+                                   f"in epoch {self.epoch}")
+            self.epoch, self.position, self._items = self.epoch + 1, 0, None
+
+    def build(self, item: Any) -> Sample:
+        """The training sample of one item; raises `SampleError` (with a skip `reason`) when it is unusable."""
+        return self.builder(self._to_record(item))
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "kept_in_epoch": self.kept_in_epoch}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.kept_in_epoch = state["epoch"], state["position"], state["kept_in_epoch"]
+        self.epoch, self.position = state["epoch"], state["position"]
         self._items = None
 
 
@@ -117,13 +111,14 @@ class LlavaJsonSource(SampleSource):
         name: str,
         path: str | Path,
         builder: SampleBuilder,
-        stats: DataStats,
         image_root: str | Path | None = None,
         json_root: str | Path | None = None,
         seed: int = 0,
         shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        super().__init__(name, builder, stats, seed)
+        super().__init__(name, builder, seed, rank, world)
         path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else path.parent
         self.json_root = Path(json_root) if json_root is not None else path.parent
@@ -142,11 +137,9 @@ class LlavaJsonSource(SampleSource):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.entries)) if self.shuffle else (
             np.arange(len(self.entries))
         )
-        rank, world_size, worker, num_workers = pytorch_worker_info()
-        shard, num_shards = rank * num_workers + worker, world_size * num_workers
-        return iter(order[shard::num_shards][skip:].tolist())
+        return iter(order[self.rank::self.world][skip:].tolist())
 
-    def _to_record(self, item: int, position: int) -> RawRecord:
+    def _to_record(self, item: int) -> RawRecord:
         entry = self.entries[item]
         default_id = f"{self.name}:{item}"
         try:
@@ -163,8 +156,8 @@ class LlavaJsonSource(SampleSource):
 class WebDatasetSource(SampleSource):
     """WebDataset tar shards of `jpg|jpeg|png|webp` + `txt` (a caption) or `json` (a LLaVA record), streamed.
 
-    Shards are shuffled per epoch and split across ranks and workers; samples pass through a seeded shuffle
-    buffer. Unreadable or truncated tars are counted through webdataset's handler hook and the stream goes on.
+    Shards are shuffled per epoch and split across ranks; samples pass through a seeded shuffle buffer. Unreadable or
+    truncated tars are counted (in `read_skips`) through webdataset's handler hook and the stream goes on.
 
     Args:
         urls: shard paths or URLs (anything `webdataset.gopen` opens).
@@ -176,11 +169,12 @@ class WebDatasetSource(SampleSource):
         name: str,
         urls: Sequence[str],
         builder: SampleBuilder,
-        stats: DataStats,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        super().__init__(name, builder, stats, seed)
+        super().__init__(name, builder, seed, rank, world)
         if not urls:
             raise ValueError(f"source {name!r} has no shards")
         self.urls = [str(url) for url in urls]
@@ -191,16 +185,14 @@ class WebDatasetSource(SampleSource):
         """webdataset handler: count the lost stretch of a shard and keep going (muted while resuming)."""
         if not self._replaying:
             reason = "truncated_tar" if isinstance(exn, (tarfile.TarError, EOFError)) else "bad_shard"
-            self.stats.record_skip(reason, self.name, repr(exn))
+            self.read_skips.append(Skip(reason, self.name, repr(exn)))
         return True
 
     def _open_epoch(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(_epoch_seed(self.seed, epoch))
-        shards = rng.sample(self.urls, len(self.urls))
+        shards = rng.sample(self.urls, len(self.urls))[self.rank::self.world]
         stages: list[Any] = [
             wds.SimpleShardList(shards),
-            wds.split_by_node,
-            wds.split_by_worker,
             wds.tarfile_to_samples(handler=self._on_shard_error),
         ]
         if self.shuffle_buffer > 1:
@@ -213,7 +205,7 @@ class WebDatasetSource(SampleSource):
             self._replaying = False
         return items
 
-    def _to_record(self, item: dict[str, Any], position: int) -> RawRecord:
+    def _to_record(self, item: dict[str, Any]) -> RawRecord:
         sample_id = f"{Path(item.get('__url__', '')).name}/{item.get('__key__')}"
         images = [item[ext] for ext in IMAGE_EXTENSIONS if ext in item][:1]
         try:
@@ -229,48 +221,41 @@ class WebDatasetSource(SampleSource):
         raise MalformedRecordError(f"record {sample_id} has no txt or json member (keys {sorted(item)})")
 
 
-class MixtureDataset(torch.utils.data.IterableDataset):
-    """Draw each next sample from a source chosen with probability proportional to its weight.
+class Mixture:
+    """Draw each next item from a source chosen with probability proportional to its weight.
 
-    Deterministic for a seed; `state_dict()` holds the chooser's RNG state, every source's cursor and the shared
-    stats, so a new mixture given that state yields exactly the remaining sequence.
+    Deterministic for a seed; `state_dict()` holds the chooser's RNG state and every source's cursor (JSON-safe), so a
+    new mixture given that state draws exactly the remaining sequence.
     """
 
     def __init__(self, sources: Sequence[SampleSource], weights: Sequence[float], seed: int = 0) -> None:
-        super().__init__()
         if len(sources) != len(weights) or not sources:
             raise ValueError("give one weight per source, and at least one source")
         if any(w <= 0 for w in weights):
             raise ValueError(f"weights must be positive, got {list(weights)}")
         if len({s.name for s in sources}) != len(sources):
             raise ValueError("source names must be unique")
-        if any(s.stats is not sources[0].stats for s in sources):
-            raise ValueError("all sources must share one DataStats")
         self.sources = list(sources)
         self.probabilities = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self._rng = np.random.default_rng(seed)
 
-    @property
-    def stats(self) -> DataStats:
-        return self.sources[0].stats
+    def next_draw(self) -> tuple[SampleSource, Any]:
+        """The next (source, item): only cursors move, nothing is decoded."""
+        source = self.sources[int(self._rng.choice(len(self.sources), p=self.probabilities))]
+        return source, source.next_item()
 
-    def next_sample(self) -> Sample:
-        index = int(self._rng.choice(len(self.sources), p=self.probabilities))
-        return self.sources[index].next_sample()
-
-    def __iter__(self) -> Iterator[Sample]:
-        while True:
-            yield self.next_sample()
+    def drain_read_skips(self) -> list[Skip]:
+        """What the sources lost while reading since the last call (truncated tars)."""
+        skips = [skip for source in self.sources for skip in source.read_skips]
+        for source in self.sources:
+            source.read_skips.clear()
+        return skips
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "rng": self._rng.bit_generator.state,
-            "sources": {source.name: source.state_dict() for source in self.sources},
-            "stats": self.stats.state_dict(),
-        }
+        return {"rng": self._rng.bit_generator.state,
+                "sources": {source.name: source.state_dict() for source in self.sources}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rng.bit_generator.state = state["rng"]
         for source in self.sources:
             source.load_state_dict(state["sources"][source.name])
-        self.stats.load_state_dict(state["stats"])

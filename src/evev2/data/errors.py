@@ -6,6 +6,8 @@ that is not a `SampleError` is a bug and propagates.
 
 from __future__ import annotations
 
+from evev2.errors import UserError
+
 
 class SampleError(ValueError):
     """A sample that cannot be turned into training tokens; `reason` names the skip counter it lands in."""
@@ -58,5 +60,5 @@ class BadImageError(SampleError):
     reason = "bad_image"
 
 
-class TooManyBadSamplesError(RuntimeError):
+class TooManyBadSamplesError(UserError, RuntimeError):
     """More than `max_bad_fraction` of the samples seen were skipped: the data (or its paths) is broken."""

@@ -1,7 +1,8 @@
 """Records -> training `Sample`s, and the skip accounting that keeps bad data from killing (or silently eating) a run.
 
-A record that cannot be used raises a `SampleError`; the caller counts it in `DataStats` under the error's reason and
-moves on. `DataStats` fails the run with `TooManyBadSamplesError` once the bad fraction passes `max_bad_fraction`.
+A record that cannot be used raises a `SampleError`; the caller turns it into a `Skip` and moves on. The training
+process counts every skip in one `DataStats` (whichever worker found it), which fails the run with
+`TooManyBadSamplesError` once the bad fraction passes `max_bad_fraction`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class RawRecord:
     source: str
     conversations: list[dict[str, Any]]
     images: list[Path | bytes]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One unusable record (or unreadable stretch of a shard): why, from which source, and the details."""
+
+    reason: str
+    source: str
+    detail: str
 
 
 @dataclass(eq=False)  # tensors inside: compare by identity
@@ -76,9 +86,9 @@ class DataStats:
     def bad_fraction(self) -> float:
         return self.num_skipped / self.seen if self.seen else 0.0
 
-    def record_kept(self) -> None:
-        self.seen += 1
-        self.kept += 1
+    def record_kept(self, count: int = 1) -> None:
+        self.seen += count
+        self.kept += count
 
     def record_skip(self, reason: str, source: str, detail: str) -> None:
         """Count one unusable sample (or unreadable stretch of a shard), log it, and apply the guard."""

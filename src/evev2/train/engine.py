@@ -1,9 +1,11 @@
 """The training engine: one process on CPU, FSDP2 under torchrun, exact resume.
 
-Each optimiser step draws `global_batch` samples (each rank draws its share from its own shard of every source),
-packs them into rows of at most `token_budget` spliced tokens, and runs the rows in micro-batches. The loss is the
-sum over all supervised tokens of the step divided by their global count, so the step is the same whatever the number
-of ranks, micro-batches or packing: a 2-rank run reproduces a 1-rank run, and a resumed run an uninterrupted one.
+Each optimiser step reads `global_batch` records (each rank its share, from its own shard of every source); DataLoader
+workers decode them, pack the good ones into rows of at most `token_budget` spliced tokens and collate the rows into
+micro-batches (`evev2.data.loader`), while the training process only moves ready micro-batches to the device. The loss
+is the sum over all supervised tokens of the step divided by their global count, so the step is the same whatever the
+number of ranks, workers, micro-batches or packing: a 2-rank run reproduces a 1-rank run, and a resumed run an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,25 +18,24 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
-from evev2.data.datasets import LlavaJsonSource, MixtureDataset, SampleSource, WebDatasetSource
-from evev2.data.packing import collate_rows, first_fit_rows
+from evev2.data.datasets import LlavaJsonSource, Mixture, SampleSource, WebDatasetSource
+from evev2.data.loader import PreparedStep, StepStream, default_num_workers, step_loader
 from evev2.data.processor import EVEProcessor
-from evev2.data.samples import DataStats, Sample, SampleBuilder
+from evev2.data.samples import DataStats, SampleBuilder
 from evev2.data.templates import IGNORE_INDEX
-from evev2.model import EVEForCausalLM
 from evev2.model.convert import ShardWriter, AtomicFolder
 from evev2.distributed import distributed_session, init_distributed
 from evev2.train.checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from evev2.train.groups import freeze_except
-from evev2.train.parallel import parallelize
+from evev2.train.parallel import build_training_model
 from evev2.train.recipe import Recipe, load_recipe
+from evev2.train.record import check_resume, write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class StepMetrics:
     packing_efficiency: float
     tokens_per_second: float
     skipped_samples: int
+    step_time_s: float  # wall time of the whole step, data wait included
+    data_wait_s: float  # time the step waited for its data (the slowest rank's)
 
 
 def _all_reduce(value: float | int, op: str = "sum") -> float:
@@ -71,24 +74,27 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float):
     return factor
 
 
-def build_sources(recipe: Recipe, builder: SampleBuilder, stats: DataStats) -> list[SampleSource]:
+def build_sources(recipe: Recipe, builder: SampleBuilder, rank: int = 0, world: int = 1) -> list[SampleSource]:
     sources: list[SampleSource] = []
     for spec in recipe.data.sources:
         if spec.type == "llava":
-            sources.append(LlavaJsonSource(spec.name, spec.path, builder, stats, image_root=spec.image_root or None,
-                                           json_root=spec.json_root or None, seed=recipe.data.seed))
+            sources.append(LlavaJsonSource(spec.name, spec.path, builder, image_root=spec.image_root or None,
+                                           json_root=spec.json_root or None, seed=recipe.data.seed, rank=rank,
+                                           world=world))
         else:
             shards = sorted(glob.glob(spec.path))
             if not shards:
                 raise FileNotFoundError(f"data source {spec.name!r}: no shards match {spec.path}")
-            sources.append(WebDatasetSource(spec.name, shards, builder, stats, seed=recipe.data.seed))
+            sources.append(WebDatasetSource(spec.name, shards, builder, seed=recipe.data.seed, rank=rank, world=world))
     return sources
 
 
 class Trainer:
     def __init__(self, recipe: Recipe, output: str | Path, resume: bool = False, max_steps: int | None = None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, force: bool = False):
         self.recipe, self.output = recipe, Path(output)
+        if resume:  # before any weight is loaded
+            check_resume(self.output, recipe, force)
         self.rank, self.world, self.device = init_distributed()
         train = recipe.train
         if train.global_batch % self.world:
@@ -104,13 +110,9 @@ class Trainer:
         if attention == "auto":  # packed rows need a block-causal mask; SDPA with a boolean mask is slow on GPU
             attention = "flex_attention" if cuda else "sdpa"
         log.info("attention: %s over packed rows (block-causal, one sample never attends to another)", attention)
-        model = EVEForCausalLM.from_pretrained(recipe.model.source, dtype=torch.float32,  # fp32 master weights
-                                               attn_implementation=attention)
-        trainable = freeze_except(model, train.trainable)
-        model.to(self.device).train()
-        self.model = parallelize(model, self.device, self.compute_dtype, train.activation_checkpointing, train.compile)
-        current = dict(self.model.named_parameters(remove_duplicate=False))  # FSDP2 swaps in sharded parameters
-        self.trainable = {g: [(n, current[n]) for n, _ in params] for g, params in trainable.items()}
+        compile = cuda if train.compile == "auto" else train.compile
+        self.model, self.trainable = build_training_model(recipe.model.source, self.device, attention, train.trainable,
+                                                          self.compute_dtype, train.activation_checkpointing, compile)
         self.autocast = cuda and self.world == 1 and self.compute_dtype != torch.float32  # FSDP2 casts by itself
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -119,10 +121,16 @@ class Trainer:
         saved = EVEProcessor.from_pretrained(recipe.model.source, max_size=recipe.data.max_size,
                                              resize_policy=recipe.data.resize_policy)
         self.processor = EVEProcessor(saved.tokenizer, saved.image_processor, template=recipe.data.template)
-        self.stats = DataStats(max_bad_fraction=recipe.data.max_bad_fraction)
-        builder = SampleBuilder(self.processor, recipe.data.token_budget)
-        sources = build_sources(recipe, builder, self.stats)
-        self.data = MixtureDataset(sources, [s.weight for s in recipe.data.sources], seed=recipe.data.seed)
+        self.stats = DataStats(max_bad_fraction=recipe.data.max_bad_fraction,
+                               min_seen=recipe.data.guard_min_samples)
+        sources = build_sources(recipe, self._sample_builder(), self.rank, self.world)
+        self.mixture = Mixture(sources, [s.weight for s in recipe.data.sources], seed=recipe.data.seed)
+        self.data_state = self.mixture.state_dict()  # the stream's state after the last step taken
+        workers = recipe.data.num_workers
+        self.num_workers = default_num_workers(cuda) if workers == "auto" else workers
+        self._steps: Iterator[PreparedStep] | None = None  # started by the first step, after any resume
+        log.info("data: %d records per rank per step, prepared by %s", train.global_batch // self.world,
+                 f"{self.num_workers} worker processes" if self.num_workers else "the training process")
         self.step = 0
         self.metrics_path = self.output / "metrics.jsonl"
         self.checkpoint_dir = self.output / "checkpoints"
@@ -131,6 +139,10 @@ class Trainer:
             self._resume(checkpoints(self.checkpoint_dir)[-1])
 
     # ----- setup -----
+    def _sample_builder(self) -> SampleBuilder:
+        """Record -> sample (tokenize, decode, resize); runs in the data workers."""
+        return SampleBuilder(self.processor, self.recipe.data.token_budget)
+
     def _optimizer(self) -> torch.optim.AdamW:
         optim = self.recipe.optim
         groups = []
@@ -148,7 +160,10 @@ class Trainer:
         extra = load_checkpoint(path, self.model, self.optimizer)
         self.step = int(extra["step"])
         self.scheduler.load_state_dict(extra["scheduler"])
-        self.data.load_state_dict(json.loads(extra["data"]))
+        data = json.loads(extra["data"])
+        self.mixture.load_state_dict(data["mixture"])
+        self.data_state = data["mixture"]
+        self.stats.load_state_dict(data["stats"])
         set_rng_state(extra["rng"])
         if self.rank == 0 and self.metrics_path.exists():  # drop steps logged after the checkpoint by the killed run
             lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
@@ -158,25 +173,37 @@ class Trainer:
 
     def _save(self) -> Path:
         extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                 "data": json.dumps(self.data.state_dict())}
+                 "data": json.dumps({"mixture": self.data_state, "stats": self.stats.state_dict()})}
         return save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, extra,
                                self.recipe.checkpoint.keep_last)
 
     # ----- one optimiser step -----
-    def _micro_batches(self, samples: list[Sample]) -> list[Any]:
-        rows = first_fit_rows(samples, self.recipe.data.token_budget)
-        mb = self.recipe.train.micro_batch_rows
-        pad = self.processor.tokenizer.pad_token_id
-        return [collate_rows(rows[i:i + mb], pad) for i in range(0, len(rows), mb)]
+    def _next_step_data(self) -> PreparedStep:
+        if self._steps is None:
+            data, train = self.recipe.data, self.recipe.train
+            stream = StepStream(self.mixture, train.global_batch // self.world, data.token_budget,
+                                train.micro_batch_rows, self.processor.tokenizer.pad_token_id, start_step=self.step)
+            self._steps = step_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda")
+        prepared = next(self._steps)
+        if prepared.index != self.step + 1:
+            raise RuntimeError(f"data for step {prepared.index} arrived at step {self.step + 1}")
+        return prepared
 
-    def _forward_backward(self, batch: Any, num_items: float, dummy: bool) -> torch.Tensor:
-        labels = batch["labels"].to(self.device)
+    def _empty_batch(self) -> dict[str, Any]:
+        """One padding token without a label: the micro-batch of a rank whose step lost every record."""
+        one = torch.ones(1, 1, dtype=torch.long)
+        return {"input_ids": one * self.processor.tokenizer.pad_token_id, "attention_mask": one,
+                "labels": one * IGNORE_INDEX, "images": []}
+
+    def _forward_backward(self, batch: dict[str, Any], num_items: float, dummy: bool) -> torch.Tensor:
+        to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731 (pinned on GPU: the copy overlaps)
+        labels = to_device(batch["labels"])
         if dummy:  # a rank with fewer micro-batches still joins every collective, contributing zero
             labels = torch.full_like(labels, IGNORE_INDEX)
-        images = [img.to(self.device) for img in batch["images"]]
+        images = [to_device(img) for img in batch["images"]]
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
-            loss = self.model(input_ids=batch["input_ids"].to(self.device), images=images,
-                              attention_mask=batch["attention_mask"].to(self.device), labels=labels,
+            loss = self.model(input_ids=to_device(batch["input_ids"]), images=images,
+                              attention_mask=to_device(batch["attention_mask"]), labels=labels,
                               num_items_in_batch=num_items).loss
             if not images and "patch_embed" in self.trainable:
                 # keep the patch embedding in the graph (zero gradient) so that all ranks reduce the same tensors
@@ -188,17 +215,19 @@ class Trainer:
 
     def train_step(self) -> StepMetrics:
         start = time.perf_counter()
-        per_rank = self.recipe.train.global_batch // self.world
-        samples = [self.data.next_sample() for _ in range(per_rank)]
-        supervised = sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples)
-        tokens = sum(s.num_tokens for s in samples)
-        batches = self._micro_batches(samples)
-        global_supervised = _all_reduce(supervised)
+        prepared = self._next_step_data()
+        data_wait = time.perf_counter() - start
+        self.stats.record_kept(prepared.kept)
+        for skip in prepared.skips:
+            self.stats.record_skip(skip.reason, skip.source, skip.detail)
+        self.data_state = prepared.state
+        batches = prepared.micro_batches
+        global_supervised = _all_reduce(prepared.supervised_tokens)
         n_micro = int(_all_reduce(len(batches), "max"))
         loss = torch.zeros((), device=self.device)
         for i in range(n_micro):
-            loss += self._forward_backward(batches[min(i, len(batches) - 1)], max(global_supervised, 1.0),
-                                           dummy=i >= len(batches))
+            batch = batches[min(i, len(batches) - 1)] if batches else self._empty_batch()
+            loss += self._forward_backward(batch, max(global_supervised, 1.0), dummy=i >= len(batches))
         params = [p for group in self.trainable.values() for _, p in group]
         torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
         self.optimizer.step()
@@ -206,18 +235,21 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-        rows = sum(b["input_ids"].shape[0] for b in batches)
-        global_tokens = _all_reduce(tokens)
-        budget = _all_reduce(rows) * self.recipe.data.token_budget
+        global_tokens = _all_reduce(prepared.tokens)
+        budget = max(_all_reduce(prepared.rows), 1) * self.recipe.data.token_budget
+        elapsed = time.perf_counter() - start
         return StepMetrics(step=self.step, loss=_all_reduce(loss.item()), lr=lr, tokens=int(global_tokens),
                            supervised_tokens=int(global_supervised), packing_efficiency=global_tokens / budget,
-                           tokens_per_second=global_tokens / (time.perf_counter() - start),
-                           skipped_samples=int(_all_reduce(self.stats.num_skipped)))
+                           tokens_per_second=global_tokens / elapsed,
+                           skipped_samples=int(_all_reduce(self.stats.num_skipped)), step_time_s=elapsed,
+                           data_wait_s=_all_reduce(data_wait, "max"))
 
     # ----- the loop -----
     def train(self) -> Path | None:
         """Run to `stop_step`; export an HF folder at the end of the stage. Returns the export folder (rank 0)."""
         self.output.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            write_run_record(self.output, self.recipe, world_size=self.world, device=self.device)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         writer = _tensorboard(self.output / "tensorboard") if self.rank == 0 else None
         bar = tqdm(total=self.stop_step, initial=self.step, desc=self.recipe.name, disable=not self.show_progress,
@@ -233,7 +265,8 @@ class Trainer:
                         for key in ("loss", "lr", "tokens_per_second", "packing_efficiency"):
                             writer.add_scalar(f"train/{key}", getattr(m, key), m.step)
                     bar.set_postfix(loss=f"{m.loss:.4f}", lr=f"{m.lr:.2e}", tok_s=f"{m.tokens_per_second:.0f}",
-                                    pack=f"{m.packing_efficiency:.2f}", skipped=m.skipped_samples)
+                                    pack=f"{m.packing_efficiency:.2f}", wait=f"{m.data_wait_s:.2f}s",
+                                    skipped=m.skipped_samples)
                     bar.update(1)
                 every = self.recipe.checkpoint.every
                 stop = bool(_all_reduce(int(self._stop_requested), "max"))
@@ -243,6 +276,7 @@ class Trainer:
                     log.warning("SIGTERM: saved a checkpoint at step %d and stopped", self.step)
                     return None
         finally:
+            self._steps = None  # stops the data workers
             bar.close()
             signal.signal(signal.SIGTERM, previous)
             if writer is not None:
@@ -310,20 +344,21 @@ def plot_loss_curves(runs: dict[str, Path], out: Path) -> None:
 
 
 def train_cli(*, recipe: Path, output: str | None = None, max_steps: int | None = None, resume: bool = False,
-              overrides: list[str] | None = None) -> Path | None:
+              force: bool = False, overrides: list[str] | None = None) -> Path | None:
     """Train one stage from a TOML recipe (single process, or FSDP2 under torchrun).
 
     Args:
         recipe: the stage recipe (recipes/*.toml).
         output: run folder (checkpoints, metrics.jsonl, loss_curve.png, export/); default: the recipe's `output`.
         max_steps: stop after this many steps (the schedule still spans the recipe's `train.steps`).
-        resume: continue from the newest checkpoint in the run folder.
+        resume: continue from the newest checkpoint in the run folder (refused if the recipe changed since).
+        force: resume even though training-relevant recipe fields changed (they are listed in a warning).
         overrides: recipe fields as key=value, e.g. train.steps=20 optim.lr=1e-4.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = load_recipe(recipe, overrides)
     with distributed_session():
-        trainer = Trainer(spec, output or spec.output, resume=resume, max_steps=max_steps)
+        trainer = Trainer(spec, output or spec.output, resume=resume, max_steps=max_steps, force=force)
         export = trainer.train()
         if export is not None and trainer.rank == 0:
             print(f"exported {export}")

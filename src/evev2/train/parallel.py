@@ -2,18 +2,27 @@
 
 One FSDP unit per decoder layer, one for the patch embedding (it may run alone on micro-batches without images), and
 the root (embeddings, final norm, LM head). bf16 compute with fp32 master weights and fp32 gradient reduction on GPU.
+
+Under torchrun the model is never whole on any rank but 0 (`build_training_model`): it is built on the meta device,
+frozen by group, sharded, materialised shard by shard, and rank 0 alone reads the checkpoint and broadcasts it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from evev2.model import EVEForCausalLM
+from evev2.model import EVEConfig, EVEForCausalLM
+from evev2.train.groups import freeze_except
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +55,56 @@ def parallelize(model: EVEForCausalLM, device: torch.device, compute_dtype: torc
              f"FSDP2 over {world} ranks" if world > 1 else "single process", compute_dtype, activation_checkpointing,
              compile)
     return model
+
+
+def build_training_model(source: str | Path, device: torch.device, attn_implementation: str, trainable: list[str],
+                         compute_dtype: torch.dtype, activation_checkpointing: bool, compile: bool = False
+                         ) -> tuple[EVEForCausalLM, dict[str, list[tuple[str, nn.Parameter]]]]:
+    """The parallelized model in train mode (fp32 master weights) and its trainable groups (`freeze_except`), holding
+    the parameters the optimiser must see: FSDP2's sharded ones under torchrun.
+
+    One process loads as usual. Under torchrun a full fp32 copy on every rank would not fit at 7B (28 GB each), so the
+    model is built on the meta device and sharded before any weight exists; rank k > 0 then peaks at its shard plus
+    one broadcast tensor, and only rank 0 holds the checkpoint.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        model = EVEForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn_implementation)
+        groups = freeze_except(model, trainable)
+        model.to(device).train()
+        model = parallelize(model, device, compute_dtype, activation_checkpointing, compile)
+    else:
+        with torch.device("meta"):
+            model = EVEForCausalLM._from_config(EVEConfig.from_pretrained(source), dtype=torch.float32,
+                                                attn_implementation=attn_implementation)
+        groups = freeze_except(model, trainable)  # requires_grad is carried into the sharded parameters
+        model.train()
+        model = parallelize(model, device, compute_dtype, activation_checkpointing, compile)
+        model.to_empty(device=device)  # uninitialised local shards (and buffers), tied parameters still one
+        _recompute_rotary_buffers(model)
+        full = _read_checkpoint(Path(source), model.all_tied_weights_keys) if dist.get_rank() == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                   strict=True))
+    current = dict(model.named_parameters(remove_duplicate=False))  # FSDP2 swaps in sharded parameters
+    return model, {g: [(n, current[n]) for n, _ in params] for g, params in groups.items()}
+
+
+def _read_checkpoint(folder: Path, tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every weight of a saved model folder (all safetensors shards) in fp32, with the tied copies the file omits
+    (`tied`: target -> source name), as the strict full state dict `set_model_state_dict` expects."""
+    index = folder / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    weights = {name: t.float() for f in sorted(files) for name, t in load_file(folder / f).items()}
+    for target, tied_source in tied.items():
+        weights.setdefault(target, weights[tied_source])
+    return weights
+
+
+@torch.no_grad()
+def _recompute_rotary_buffers(model: EVEForCausalLM) -> None:
+    """`to_empty` leaves the rotary inverse frequencies (the model's only buffers, non-persistent so no checkpoint
+    holds them) uninitialised: compute them again from the config, on CPU as the one-process path does, so that they
+    are bitwise the same."""
+    rotary = model.model.rotary_emb
+    fresh = type(rotary)(rotary.config)
+    for name, buffer in fresh.named_buffers():
+        rotary.get_buffer(name).copy_(buffer)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from evev2.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,7 +25,7 @@ else:  # pragma: no cover
 GROUPS = ("patch_embed", "vision", "text", "embeddings")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe field is missing, unknown or of the wrong type; the message names the field."""
 
 
@@ -53,8 +56,12 @@ class DataSpec:
     max_size: int = 800  # image resize bound (pixels), see resize_policy
     resize_policy: str = "max_area"
     token_budget: int = 2048  # max spliced tokens per packed row (the stage's max length)
-    max_bad_fraction: float = 0.05
+    max_bad_fraction: float = 0.05  # skipped / seen above this stops the run ...
+    guard_min_samples: int = 200  # ... once this many records have been seen
     seed: int = 0
+    # DataLoader worker processes that read, decode, tokenize and pack whole steps ahead of the GPU; 0 = in the
+    # training process. auto: min(8, CPU cores per rank) on GPU, 2 on CPU. The data is the same for every value.
+    num_workers: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -76,7 +83,7 @@ class TrainSpec:
     global_batch: int  # samples per optimiser step, summed over ranks
     micro_batch_rows: int = 4  # packed rows per forward/backward
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile every decoder layer (measured in BENCHMARKS.md; off by default)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile every decoder layer; auto: on for CUDA, off for CPU
     seed: int = 0
     log_every: int = 1
 
@@ -108,6 +115,8 @@ class Recipe:
                             ("data.token_budget", self.data.token_budget), ("optim.lr", self.optim.lr)):
             if value <= 0:
                 raise RecipeError(f"{name} must be positive, got {value}")
+        if self.data.num_workers != "auto" and self.data.num_workers < 0:
+            raise RecipeError(f"data.num_workers must be >= 0 or \"auto\", got {self.data.num_workers}")
         if not 0 <= self.optim.warmup_ratio < 1:
             raise RecipeError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
         if not self.data.sources:
@@ -118,6 +127,15 @@ class Recipe:
 def _build(cls: type, value: Any, where: str) -> Any:
     """Recursively turn TOML values into the dataclass `cls`, checking names and types."""
     origin, args = typing.get_origin(cls), typing.get_args(cls)
+    if origin in (typing.Union, types.UnionType):  # e.g. `int | Literal["auto"]`: the first arm that accepts it
+        for arm in args:
+            try:
+                return _build(arm, value, where)
+            except RecipeError:
+                continue
+        names = " or ".join(repr(a) if not isinstance(a, type) else a.__name__ for arm in args
+                            for a in (typing.get_args(arm) if typing.get_origin(arm) is Literal else (arm,)))
+        raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(cls):
         if not isinstance(value, dict):
             raise RecipeError(f"{where or 'recipe'}: expected a table, got {type(value).__name__}")
