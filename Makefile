@@ -13,12 +13,15 @@ export OMP_WAIT_POLICY := PASSIVE
 
 setup: $(STAMP)
 
-# Re-installs only when the pins or the package metadata change.
+# Re-installs only when the pins or the package metadata change. lmms-eval goes in for its adapter tests without its
+# dependency tree (seconds, ~40 MB): the tree brings torchvision, whose PyPI build is for CUDA and breaks
+# `import transformers` beside the CPU torch (README, "lmms-eval" has the full extra).
 $(STAMP): requirements-lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c requirements-lock.txt torch==2.13.0
 	$(BIN)/pip install -q -c requirements-lock.txt -e '.[dev]'
+	$(BIN)/pip install -q -c requirements-lock.txt --no-deps lmms-eval loguru pytz
 	touch $(STAMP)
 
 test: setup

@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
+
+# Property tests: the same examples on every run (derandomised, no example database), a modest number of them, and a
+# per-example deadline. `pytest --hypothesis-profile=explore` searches further (random, more examples).
+settings.register_profile("ci", derandomize=True, database=None, max_examples=100, deadline=2000, print_blob=True)
+settings.register_profile("explore", max_examples=2000, deadline=2000, print_blob=True)
+settings.load_profile("ci")
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})

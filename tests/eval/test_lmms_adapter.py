@@ -1,8 +1,8 @@
 """Continuation log-likelihood (always) and the lmms-eval model class (only where lmms-eval is installed).
 
 lmms-eval is an optional extra with heavy dependencies; its tests are skipped when `lmms_eval` cannot be imported.
-To run them without installing its dependency tree:
-`pip install --no-deps --target /tmp/lmms_site lmms-eval loguru pytz pyyaml` and `PYTHONPATH=/tmp/lmms_site pytest ...`.
+They need only its API, not its dependency tree: `make setup` installs `--no-deps lmms-eval loguru pytz` (pyyaml comes
+with transformers), so they run in `make test` and CI (README, "lmms-eval", has the full extra).
 """
 
 from __future__ import annotations

@@ -76,6 +76,18 @@ def test_stage1_changes_only_the_patch_embedding(stage1, tiny_vlm_dir):
     assert [p.name for p in sorted((stage1 / "checkpoints").glob("step-*"))] == ["step-00000004"]
 
 
+def test_resume_with_a_changed_recipe_is_one_line_and_the_traceback_lands_in_the_run_log(stage1, tmp_path):
+    recipe = tmp_path / "changed.toml"
+    recipe.write_text((stage1 / "recipe.resolved.toml").read_text().replace("lr = 0.003", "lr = 0.001"))
+    result = subprocess.run([sys.executable, "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output",
+                             str(stage1), "--resume"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        line for line in result.stderr.splitlines() if line.startswith("evev2: error:") and "optim.lr" in line]
+    log = (stage1 / "train.log").read_text()
+    assert "Traceback" in log and "RecipeChangedError" in log and "optim.lr: 0.003 -> 0.001" in log
+
+
 def test_stage2_1_from_stage1_export_changes_patch_embedding_and_vision_copies(stage1, tiny_world_dir, tmp_path):
     recipe = write_recipe(tmp_path / "stage21.toml", stage1 / "export", tiny_world_dir, '["patch_embed", "vision"]',
                           steps=2)

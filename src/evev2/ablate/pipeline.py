@@ -31,8 +31,7 @@ from evev2.ablate.variants import derive_variant, parameter_counts, sft_trainabl
 from evev2.data.synth_language import QA_TYPES
 from evev2.demo.evaluate import evaluate_heldout, split_question_file
 from evev2.demo.language import text_perplexity
-from evev2.demo.pipeline import (DEFAULT_RECIPES, build_llm, build_world, nonblank_lines,
-                                 stage_overrides)
+from evev2.demo.pipeline import build_llm, build_world, nonblank_lines, recipe_folder, stage_overrides
 from evev2.infer.engine import InferenceEngine
 from evev2.model.convert import convert_llm
 from evev2.train.engine import Trainer
@@ -73,10 +72,11 @@ def _evaluate(export: Path, files: dict[str, Any], out: Path, plan: AblationPlan
     return {"metrics": metrics, "heldout": heldout, "parameters": parameter_counts(engine.model)}
 
 
-def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path = DEFAULT_RECIPES) -> dict[str, Any]:
+def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path | None = None) -> dict[str, Any]:
     """The whole study; returns what it writes to `output/ablation.json`."""
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    recipes = recipe_folder(recipes)
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     for name in OWNED:  # never mix a previous run's models or predictions into this one
@@ -169,7 +169,7 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
 
 
 def ablate_cli(output: Path = Path("runs/ablate"), quick: bool = False, seeds: int = 1,
-               recipes: Path = DEFAULT_RECIPES) -> dict[str, Any]:
+               recipes: Path | None = None) -> dict[str, Any]:
     """Train EVEv1.0, v1.2, v1.5 and v2.0 from one stage-0 LLM on the same tokens and compare them.
 
     The paper's protocol in miniature: stage 2 with variant-specific trainable weights (Figure 5: its loss curves,
@@ -183,7 +183,7 @@ def ablate_cli(output: Path = Path("runs/ablate"), quick: bool = False, seeds: i
         output: run folder; its ablation subfolders are replaced.
         quick: the half-minute smoke version (tiny world, a few steps), as the tests run it.
         seeds: seeds per variant (data order of stage 2 and SFT, init of v1.2's dW); with more than one, mean ± std.
-        recipes: folder with the demo's stage1.toml, stage2_2.toml and stage3.toml.
+        recipes: folder with the demo's stage1.toml, stage2_2.toml and stage3.toml (default: the shipped recipes/tiny).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     results = run_ablation(output, QUICK_ABLATION if quick else FULL_ABLATION, seeds, recipes)

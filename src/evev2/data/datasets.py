@@ -23,6 +23,7 @@ import numpy as np
 import webdataset as wds
 
 from evev2.data.errors import MalformedRecordError
+from evev2.data.image_processing import read_regular_file
 from evev2.data.samples import RawRecord, Sample, SampleBuilder, Skip
 from evev2.data.templates import IMAGE_MARKER
 
@@ -34,6 +35,24 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def parse_json(data: str | bytes, where: str) -> Any:
+    """One JSON document of a record, or `MalformedRecordError` naming `where` and what is wrong with it.
+
+    Besides syntax errors, a record can be undecodable bytes, nested too deeply for the parser (RecursionError), or
+    hold an integer longer than Python converts (ValueError): each is a bad record, not a bad run.
+    """
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data  # -sig: a leading BOM is dropped
+    except UnicodeDecodeError as err:
+        raise MalformedRecordError(f"{where}: not valid UTF-8 ({err})") from err
+    try:
+        return json.loads(text)
+    except RecursionError as err:
+        raise MalformedRecordError(f"{where}: JSON nested too deeply") from err
+    except ValueError as err:  # json.JSONDecodeError, and int digit limits
+        raise MalformedRecordError(f"{where}: invalid JSON ({err})") from err
+
+
 def record_from_llava(entry: Any, default_id: str, source: str, image_root: Path | None) -> RawRecord:
     """A LLaVA-style dict (`conversations`, optional `image`: path or list of paths, optional `id`) -> RawRecord."""
     if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
@@ -42,8 +61,18 @@ def record_from_llava(entry: Any, default_id: str, source: str, image_root: Path
     names = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise MalformedRecordError(f"record {default_id}: 'image' must be a path or a list of paths")
+    if any("\0" in name for name in names):
+        raise MalformedRecordError(f"record {default_id}: an image path contains a NUL character")
+    sample_id = entry.get("id")
+    if sample_id is None:
+        sample_id = default_id
+    elif isinstance(sample_id, (str, int, float)) and not isinstance(sample_id, bool):
+        sample_id = str(sample_id)
+    else:
+        raise MalformedRecordError(f"record {default_id}: 'id' must be a string or a number, "
+                                   f"got {type(sample_id).__name__}")
     root = image_root or Path(".")
-    return RawRecord(str(entry.get("id", default_id)), source, entry["conversations"], [root / n for n in names])
+    return RawRecord(sample_id, source, entry["conversations"], [root / n for n in names])
 
 
 class SampleSource:
@@ -99,6 +128,9 @@ class SampleSource:
 class LlavaJsonSource(SampleSource):
     """LLaVA JSON list, JSONL (one record per line), or the official index mode (a JSON list of per-sample files).
 
+    A JSONL file is read as bytes and split on newlines only; each line is decoded when its record is built, so a
+    line that is not UTF-8 (or not JSON) is one skipped record (`malformed_record`, naming the file and line).
+
     Args:
         path: `.json` list of records or of file names (index mode), or `.jsonl`.
         image_root: folder that record `image` paths are relative to.
@@ -123,9 +155,15 @@ class LlavaJsonSource(SampleSource):
         self.image_root = Path(image_root) if image_root is not None else path.parent
         self.json_root = Path(json_root) if json_root is not None else path.parent
         self.shuffle = shuffle
+        self.path = path
         if path.suffix == ".jsonl":
             self.mode = "jsonl"
-            self.entries: list[Any] = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            # Newlines only: str.splitlines() would also split inside records, at U+2028, U+0085 or \x1c. A UTF-8 BOM
+            # (Windows tools write one) is dropped when the first line is parsed.
+            lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), start=1)
+                     if line.strip()]
+            self.line_numbers = [number for number, _ in lines]
+            self.entries: list[Any] = [line for _, line in lines]  # raw bytes, decoded in _to_record
         else:
             entries = json.loads(path.read_text(encoding="utf-8"))  # a broken list file is fatal, not a skip
             if not isinstance(entries, list):
@@ -142,14 +180,15 @@ class LlavaJsonSource(SampleSource):
     def _to_record(self, item: int) -> RawRecord:
         entry = self.entries[item]
         default_id = f"{self.name}:{item}"
-        try:
-            if self.mode == "jsonl":
-                entry = json.loads(entry)
-            elif self.mode == "index":
-                default_id = entry
-                entry = json.loads((self.json_root / entry).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MalformedRecordError(f"record {default_id}: {err}") from err
+        if self.mode == "jsonl":
+            entry = parse_json(entry, f"record {default_id} ({self.path} line {self.line_numbers[item]})")
+        elif self.mode == "index":
+            default_id = entry
+            try:
+                data = read_regular_file(self.json_root / entry)
+            except (OSError, ValueError) as err:  # ValueError: a NUL in the file name
+                raise MalformedRecordError(f"record {default_id}: cannot read it ({err})") from err
+            entry = parse_json(data, f"record {default_id}")
         return record_from_llava(entry, default_id, self.name, self.image_root)
 
 
@@ -208,16 +247,16 @@ class WebDatasetSource(SampleSource):
     def _to_record(self, item: dict[str, Any]) -> RawRecord:
         sample_id = f"{Path(item.get('__url__', '')).name}/{item.get('__key__')}"
         images = [item[ext] for ext in IMAGE_EXTENSIONS if ext in item][:1]
-        try:
-            if "json" in item:
-                record = record_from_llava(json.loads(item["json"]), sample_id, self.name, None)
-                return RawRecord(record.sample_id, self.name, record.conversations, images)
-            if "txt" in item:
+        if "json" in item:
+            record = record_from_llava(parse_json(item["json"], f"record {sample_id}"), sample_id, self.name, None)
+            return RawRecord(record.sample_id, self.name, record.conversations, images)
+        if "txt" in item:
+            try:
                 caption = item["txt"].decode("utf-8")
-                conversation = [{"from": "human", "value": IMAGE_MARKER}, {"from": "gpt", "value": caption}]
-                return RawRecord(sample_id, self.name, conversation, images)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MalformedRecordError(f"record {sample_id}: {err}") from err
+            except UnicodeDecodeError as err:
+                raise MalformedRecordError(f"record {sample_id}: caption is not valid UTF-8 ({err})") from err
+            conversation = [{"from": "human", "value": IMAGE_MARKER}, {"from": "gpt", "value": caption}]
+            return RawRecord(sample_id, self.name, conversation, images)
         raise MalformedRecordError(f"record {sample_id} has no txt or json member (keys {sorted(item)})")
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import warnings
-from pathlib import Path
 from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -24,6 +24,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A decoded RGB image of this many pixels takes 300 MB; anything larger is treated as a decompression bomb.
 DEFAULT_MAX_DECODE_PIXELS = 100_000_000
+# An image file stores at most 8 bytes per pixel (16-bit RGBA, uncompressed): a file larger than that many bytes per
+# pixel of the decode cap (+ 16 MiB of metadata) is no image we would decode (a video, a tar shard named .jpg), and is
+# refused unread instead of being loaded whole into memory.
+BYTES_PER_PIXEL = 8
 # Pixel cap of the "native" policy: the official eval budget, about 2.5k tokens.
 DEFAULT_NATIVE_MAX_PIXELS = 1600 * 1600
 
@@ -33,6 +37,16 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image]
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# EXIF orientation -> the transposition that makes the image upright (as `ImageOps.exif_transpose`, without rewriting
+# the EXIF block, which fails on broken metadata)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+# What Pillow raises on a malformed file, per its own fuzzing tests (Tests/oss-fuzz/test_fuzzers.py), plus EOFError
+# (truncated data) and TypeError (a TIFF tag of the wrong type, e.g. RATIONAL strip offsets, found by fuzzing the server).
+# DecompressionBombError and UnidentifiedImageError are among them (OSError).
+_PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, MemoryError, NotImplementedError, OverflowError,
+                    TypeError)
 
 
 class ImageLoadError(ValueError):
@@ -55,20 +69,45 @@ def _describe(source: ImageSource) -> str:
     return str(source)
 
 
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file, read only if it is one (a FIFO would block, /dev/zero would never end) and, with
+    `max_bytes`, only if it is no larger.
+
+    Raises OSError (FileNotFoundError when there is no such file; a plain OSError for anything that is not a regular
+    file, or too large) or ValueError (a NUL in the path, or a name the file system encoding cannot hold).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(f"{path} has {info.st_size} bytes, over the limit of {max_bytes}")
+        os.set_blocking(fd, True)  # back to plain reads (network file systems may honour the flag)
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: str | os.PathLike, max_pixels: int) -> bytes:
+    """An image file's bytes; one larger than `BYTES_PER_PIXEL * max_pixels` (+ 16 MiB of metadata) is not read."""
+    try:
+        return read_regular_file(path, max_bytes=BYTES_PER_PIXEL * max_pixels + (16 << 20))
+    except FileNotFoundError as err:
+        raise ImageLoadError(f"image file not found: {path}", reason="missing_image") from err
+    except OSError as err:
+        raise ImageLoadError(f"cannot read image file {path}: {err}") from err
+    except ValueError as err:  # a NUL in the path, or a name the file system encoding cannot hold
+        raise ImageLoadError(f"invalid image path {path!r}: {err}") from err
+
+
 def _open_lazily(source: ImageSource, max_pixels: int) -> Image.Image:
     """Read only the header, so the pixel cap is checked before any pixel is decoded."""
     if isinstance(source, Image.Image):
         image = source
     else:
-        if isinstance(source, (bytes, bytearray)):
-            data = bytes(source)
-        else:
-            try:
-                data = Path(source).read_bytes()
-            except FileNotFoundError as err:
-                raise ImageLoadError(f"image file not found: {source}", reason="missing_image") from err
-            except OSError as err:
-                raise ImageLoadError(f"cannot read image file {source}: {err}") from err
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else _read_file(source, max_pixels)
         try:
             with warnings.catch_warnings():
                 # We enforce our own cap below; PIL's global one would only warn or disagree with it.
@@ -76,7 +115,10 @@ def _open_lazily(source: ImageSource, max_pixels: int) -> Image.Image:
                 image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as err:
             raise ImageLoadError(f"image {_describe(source)} is a decompression bomb: {err}") from err
-        except (OSError, SyntaxError, ValueError) as err:
+        except Image.UnidentifiedImageError as err:
+            raise ImageLoadError(
+                f"cannot decode image {_describe(source)}: not an image in any format Pillow reads") from err
+        except _PIL_DATA_ERRORS as err:
             raise ImageLoadError(f"cannot decode image {_describe(source)}: {err}") from err
     width, height = image.size
     if width * height > max_pixels:
@@ -96,13 +138,21 @@ def _decode(image: Image.Image, source: ImageSource) -> None:
             image.load()
     except Image.DecompressionBombError as err:
         raise ImageLoadError(f"image {_describe(source)} is a decompression bomb: {err}") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except _PIL_DATA_ERRORS as err:
         # Truncated files land here ("image file is truncated"), as do broken chunks and bad huffman tables.
         raise ImageLoadError(f"cannot decode image {_describe(source)} (corrupt or truncated): {err}") from err
 
 
-def _exif_orientation(image: Image.Image) -> int:
-    return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+def _exif_orientation(image: Image.Image, source: ImageSource | None = None) -> int:
+    """The EXIF orientation, 1 to 8; 1 when there is none or it holds anything else.
+
+    Reading it may decode the whole file (PNG keeps EXIF after the pixels), so a broken file fails here too.
+    """
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _PIL_DATA_ERRORS as err:
+        raise ImageLoadError(f"cannot read the EXIF data of image {_describe(source or image)}: {err}") from err
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
@@ -112,13 +162,18 @@ def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
     I;16* and I are read as 16-bit samples (0..65535, PIL decodes 16-bit PNG/TIFF into them); F is read as
     0..1 when all finite values lie in that range, else as 0..255.
     """
-    values = np.asarray(image).astype(np.float64)
     if image.mode == "F":
-        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         finite_max = float(values.max()) if values.size else 0.0
         scale = 255.0 if 0.0 <= float(values.min()) and finite_max <= 1.0 else 1.0
         return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-    return np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255 exactly
+    # rint(v / 257) clipped to 0..255, in 32-bit integers (a quarter of the memory of float64 at the pixel cap):
+    # floor((v + 128) / 257) equals it on 0..65535, as v / 257 is never a tie (257 is odd); 65535 / 257 = 255.
+    values = np.asarray(image).astype(np.int32)
+    np.clip(values, 0, 65535, out=values)
+    values += 128
+    values //= 257
+    return values.astype(np.uint8)
 
 
 def to_rgb(image: Image.Image, background: Sequence[float] = CLIP_MEAN) -> Image.Image:
@@ -129,7 +184,7 @@ def to_rgb(image: Image.Image, background: Sequence[float] = CLIP_MEAN) -> Image
     """
     orientation = _exif_orientation(image)
     if orientation != 1:
-        image = ImageOps.exif_transpose(image)
+        image = image.transpose(_UPRIGHT[orientation])
     if image.mode.startswith("I") or image.mode == "F":
         image = Image.fromarray(_high_depth_to_uint8(image), mode="L")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
@@ -300,13 +355,14 @@ class EVEImageProcessor(BaseImageProcessor):
         """
         image = _open_lazily(source, max_pixels)
         width, height = image.size
-        swapped = _exif_orientation(image) in _ROTATING_ORIENTATIONS
-        if swapped:
-            width, height = height, width
         if image.format == "JPEG" and not self.resize_policy.startswith("official"):
-            out_h, out_w = self.target_hw(height, width)
+            # JPEG keeps EXIF in its header: the orientation is known before any pixel is decoded
+            swapped = _exif_orientation(image, source) in _ROTATING_ORIENTATIONS
+            out_h, out_w = self.target_hw(*((width, height) if swapped else (height, width)))
             image.draft(None, (out_h, out_w) if swapped else (out_w, out_h))  # PIL wants the stored (w, h)
-        _decode(image, source)
+        _decode(image, source)  # before reading EXIF, which decodes a PNG anyway (its EXIF may follow the pixels)
+        if _exif_orientation(image, source) in _ROTATING_ORIENTATIONS:
+            width, height = height, width
         return to_rgb(image), height, width
 
     def resize(self, image: Image.Image, height: int, width: int) -> Image.Image:

@@ -37,6 +37,7 @@ class PreparedStep:
     supervised_tokens: int  # positions with a next-token label
     rows: int  # packed rows over all micro-batches
     kept: int  # samples built
+    sample_ids: list[str]  # their ids, in draw order
     skips: list[Skip]  # records dropped from this step, and read errors met while drawing it
     state: dict[str, Any]  # the mixture's state after this step (JSON-safe): resume from here
 
@@ -92,7 +93,7 @@ class StepStream(IterableDataset):
         return PreparedStep(
             index=step, micro_batches=batches, tokens=sum(s.num_tokens for s in samples),
             supervised_tokens=sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples), rows=len(rows),
-            kept=len(samples), skips=skips, state=self.mixture.state_dict())
+            kept=len(samples), sample_ids=[s.sample_id for s in samples], skips=skips, state=self.mixture.state_dict())
 
 
 def step_loader(stream: StepStream, num_workers: int, pin_memory: bool) -> Iterator[PreparedStep]:

@@ -50,9 +50,13 @@ class EVEProcessor:
         tokenizer.chat_template = self.template.jinja
 
     # ----- training -----
-    def encode_conversation(self, messages: Conversation, num_images: int) -> EncodedText:
-        """Messages (LLaVA or OpenAI/HF style) -> ids with one placeholder per image and answer-only labels."""
-        return encode_conversation(self.tokenizer, self.template, messages, num_images)
+    def encode_conversation(self, messages: Conversation, num_images: int,
+                            max_tokens: int | None = None) -> EncodedText:
+        """Messages (LLaVA or OpenAI/HF style) -> ids with one placeholder per image and answer-only labels.
+
+        With `max_tokens`, a text that cannot fit raises `SampleTooLongError` before it is tokenized.
+        """
+        return encode_conversation(self.tokenizer, self.template, messages, num_images, max_tokens)
 
     # ----- inference -----
     def apply_chat_template(self, messages: Conversation, add_generation_prompt: bool = True) -> str:

@@ -37,13 +37,29 @@ class RawRecord:
     images: list[Path | bytes]
 
 
+# A skip's detail is cut to this many characters: records choose what their errors quote, and a skip travels from
+# a worker to the training process and into the log.
+MAX_SKIP_DETAIL = 500
+
+
 @dataclass(frozen=True)
 class Skip:
-    """One unusable record (or unreadable stretch of a shard): why, from which source, and the details."""
+    """One unusable record (or unreadable stretch of a shard): why, from which source, and the details.
+
+    The detail is shortened to `MAX_SKIP_DETAIL` characters and made loggable (a lone surrogate quoted from a record
+    becomes a `\\udc80` escape).
+    """
 
     reason: str
     source: str
     detail: str
+
+    def __post_init__(self) -> None:
+        detail = self.detail
+        if len(detail) > MAX_SKIP_DETAIL:
+            detail = f"{detail[:MAX_SKIP_DETAIL]}... ({len(detail)} characters)"
+        detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+        object.__setattr__(self, "detail", detail)
 
 
 @dataclass(eq=False)  # tensors inside: compare by identity
@@ -126,7 +142,8 @@ class DataStats:
 class SampleBuilder:
     """Template-encode a `RawRecord`, decode its images and enforce the spliced-token budget.
 
-    Text is encoded first: it is cheap and catches marker/image count mismatches before any pixel is decoded.
+    Text is encoded first: it is cheap and catches marker/image count mismatches before any pixel is decoded, and a
+    sample whose text (or number of images) cannot fit the budget is refused before it is tokenized (decoded).
     """
 
     def __init__(self, processor: EVEProcessor, max_tokens: int) -> None:
@@ -134,9 +151,15 @@ class SampleBuilder:
         self.max_tokens = max_tokens
 
     def __call__(self, record: RawRecord) -> Sample:
-        encoded = self.processor.encode_conversation(record.conversations, num_images=len(record.images))
+        encoded = self.processor.encode_conversation(record.conversations, num_images=len(record.images),
+                                                     max_tokens=self.max_tokens)
+        unit = self.processor.image_processor.unit
+        fewest = len(encoded.input_ids) + len(record.images) * (num_image_tokens(unit, unit, unit) - 1)
+        if fewest > self.max_tokens:
+            raise SampleTooLongError(f"at least {fewest} spliced tokens ({len(record.images)} images) > budget "
+                                     f"{self.max_tokens}")
         pixel_values = self._load_images(record.images)
-        image_extra = sum(num_image_tokens(p.shape[-2], p.shape[-1]) - 1 for p in pixel_values)
+        image_extra = sum(num_image_tokens(p.shape[-2], p.shape[-1], unit) - 1 for p in pixel_values)
         num_tokens = len(encoded.input_ids) + image_extra
         if num_tokens > self.max_tokens:
             raise SampleTooLongError(f"{num_tokens} spliced tokens > budget {self.max_tokens}")

@@ -12,6 +12,7 @@ no BOS), and the chunks are joined with one placeholder id (`IMAGE_TOKEN_INDEX`)
 
 from __future__ import annotations
 
+import reprlib
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from evev2.data.errors import (
     EmptyConversationError,
     ImageCountMismatchError,
     MalformedRecordError,
+    SampleTooLongError,
     TemplateMismatchError,
 )
 
@@ -143,7 +145,7 @@ def _content_text(content: object) -> str:
         elif kind == "text" and isinstance(part.get("text"), str):
             pieces.append(part["text"])
         else:
-            raise MalformedRecordError(f"unsupported content part {part!r}")
+            raise MalformedRecordError(f"unsupported content part {reprlib.repr(part)}")  # short, depth-bounded
     return "".join(pieces)
 
 
@@ -163,7 +165,7 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[dict[str, str]]:
         )
         role = _ROLE_ALIASES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise MalformedRecordError(f"unknown role {raw_role!r}")
+            raise MalformedRecordError(f"unknown role {reprlib.repr(raw_role)}")
         normalized.append({"role": role, "content": unicodedata.normalize("NFC", _content_text(content))})
     return normalized
 
@@ -213,6 +215,12 @@ def tokenize_with_labels(
     edge, an `<image>` inside a span, a gap in the offsets or a chunk that does not decode back to itself raises
     `TemplateMismatchError`.
     """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # the tokenizer would fail with a TypeError that names nothing
+        raise MalformedRecordError(
+            f"the text holds a lone surrogate {text[err.start]!r} at character {err.start} (not valid Unicode)"
+        ) from err
     supervised = np.zeros(len(text), dtype=np.int64)  # (chars,) 1 = supervised
     for start, end in supervised_spans:
         supervised[start:end] = 1
@@ -255,16 +263,41 @@ def _check_chunk_tokens(tokenizer: PreTrainedTokenizerBase, chunk: str, ids: lis
         raise TemplateMismatchError(f"tokens do not decode back to the rendered text {chunk[:40]!r}...")
 
 
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters one token can cover: so `len(text) / max_token_chars` tokens is a lower bound.
+
+    Byte-level vocabulary entries hold one character per byte, so their length bounds the text they decode to.
+    """
+    cached = _MAX_TOKEN_CHARS.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        cached = _MAX_TOKEN_CHARS[id(tokenizer)] = (tokenizer, max(map(len, tokenizer.get_vocab())))
+    return cached[1]
+
+
+_MAX_TOKEN_CHARS: dict[int, tuple[PreTrainedTokenizerBase, int]] = {}
+
+
 def encode_conversation(
-    tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, messages: Sequence[Mapping], num_images: int
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    messages: Sequence[Mapping],
+    num_images: int,
+    max_tokens: int | None = None,
 ) -> EncodedText:
-    """Training path: messages -> ids with placeholders + labels on the answers only."""
+    """Training path: messages -> ids with placeholders + labels on the answers only.
+
+    With `max_tokens`, a text that cannot fit in that many tokens raises `SampleTooLongError` before it is
+    tokenized, so a record with a huge string costs no more than one that fits.
+    """
     normalized = normalize_messages(messages)
     text, spans = render(template, normalized)
     found = text.count(IMAGE_MARKER)
     if found != num_images:
         raise ImageCountMismatchError(f"{found} <image> markers but {num_images} images")
+    if max_tokens is not None and len(text) > max_tokens * max_token_chars(tokenizer):
+        raise SampleTooLongError(f"{len(text)} characters of text cannot fit in {max_tokens} tokens")
     encoded = tokenize_with_labels(tokenizer, text, spans)
-    if all(label == IGNORE_INDEX for label in encoded.labels):
+    # The first label is never a target: the loss predicts token t + 1 from position t.
+    if all(label == IGNORE_INDEX for label in encoded.labels[1:]):
         raise EmptyConversationError("no supervised tokens")
     return encoded

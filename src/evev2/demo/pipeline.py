@@ -30,7 +30,7 @@ from evev2.eval.predictions import read_predictions
 from evev2.infer.engine import InferenceEngine
 from evev2.model.convert import convert_llm
 from evev2.train.engine import Trainer, plot_loss_curves
-from evev2.train.recipe import load_recipe
+from evev2.train.recipe import load_recipe, shipped_recipes
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 GOALS = {"color": 0.9, "shape": 0.7, "count": 0.8, "relation": 0.7, "text": 0.3}
 #: The output layout the shipped recipes' paths are written for; the demo rebases them onto its --output.
 RECIPE_OUTPUT = "runs/demo"
-DEFAULT_RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "tiny"
+#: The shipped recipe folder (installed with evev2 as `evev2.recipes`) that the demo and `evev2 ablate` run by default.
+DEFAULT_RECIPES = "tiny"
 CHAT_TEMPLATE = "eve"  # the official SFT format; it puts images first, as eval prompts do
 HELDOUT_SEED = 0
 OWNED = ("world", "stage0", "stage1", "stage2_1", "stage2_2", "stage3", "eval", "final")
@@ -111,10 +112,18 @@ def build_llm(plan: DemoPlan, folders: dict[str, Path], out: Path) -> tuple[Path
     return llm, perplexity
 
 
-def run_demo(output: Path, plan: DemoPlan, recipes: Path = DEFAULT_RECIPES) -> dict[str, Any]:
+def recipe_folder(recipes: Path | None) -> Path:
+    """The demo's recipe folder: `recipes` (a user's own copy), or by default the shipped `recipes/tiny`."""
+    folder = shipped_recipes() / DEFAULT_RECIPES if recipes is None else Path(recipes)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"recipe folder {folder} not found (--recipes takes a folder with stage1.toml, "
+                                "stage2_1.toml, stage2_2.toml and stage3.toml, e.g. a copy of recipes/tiny)")
+    return folder
+
+
+def run_demo(output: Path, plan: DemoPlan, recipes: Path | None = None) -> dict[str, Any]:
     """The whole pipeline; returns what it writes to `output/results.json`."""
-    if not recipes.is_dir():
-        raise FileNotFoundError(f"recipe folder {recipes} not found (pass --recipes recipes/tiny from the repo root)")
+    recipes = recipe_folder(recipes)
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     for name in OWNED:  # never score stale predictions or train from a previous run's exports
@@ -175,7 +184,7 @@ def run_demo(output: Path, plan: DemoPlan, recipes: Path = DEFAULT_RECIPES) -> d
 
 
 def demo_cli(output: Path = Path(RECIPE_OUTPUT), minutes: float = CALIBRATED_MINUTES, quick: bool = False,
-             recipes: Path = DEFAULT_RECIPES) -> None:
+             recipes: Path | None = None) -> None:
     """Train a tiny encoder-free VLM end to end on the synthetic world and evaluate it on held-out scenes.
 
     World -> stage-0 text LLM (own tokenizer) -> convert llm -> stages 1, 2.1, 2.2, 3 (recipes/tiny) -> held-out
@@ -186,7 +195,8 @@ def demo_cli(output: Path = Path(RECIPE_OUTPUT), minutes: float = CALIBRATED_MIN
         output: run folder; its demo subfolders are replaced.
         minutes: time budget; the step counts are calibrated for 15 minutes on 2 CPU cores and scale linearly.
         quick: the few-minute smoke version (tiny model, small world), as the tests run it.
-        recipes: folder with stage1.toml, stage2_1.toml, stage2_2.toml and stage3.toml.
+        recipes: folder with stage1.toml, stage2_1.toml, stage2_2.toml and stage3.toml (default: the shipped
+            recipes/tiny, installed with evev2).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plan = QUICK_PLAN if quick else FULL_PLAN

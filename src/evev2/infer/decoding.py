@@ -163,11 +163,14 @@ class PerRowSampling(LogitsProcessor):
             groups.setdefault((t, p), []).append(row)
         for (t, p), rows in groups.items():
             idx = torch.tensor(rows, device=scores.device)
-            if t == 0:  # greedy: only the argmax survives, so sampling picks it with probability 1
+            warped = TemperatureLogitsWarper(t)(input_ids[idx], scores[idx]) if t > 0 else None
+            # Greedy: only the argmax survives, so sampling picks it with probability 1. Also for a t > 0 so small that
+            # logits / t overflow (inf, or NaN below the dtype's tiniest value): softmax would be NaN, and the limit of
+            # softmax(logits / t) as t -> 0 is the argmax anyway.
+            if warped is None or not torch.isfinite(warped.max(dim=-1).values).all():
                 best = scores[idx].argmax(dim=-1, keepdim=True)
                 scores[idx] = torch.full_like(scores[idx], -float("inf")).scatter(1, best, scores[idx].gather(1, best))
                 continue
-            warped = TemperatureLogitsWarper(t)(input_ids[idx], scores[idx])
             if p < 1.0:
                 warped = TopPLogitsWarper(p)(input_ids[idx], warped)
             scores[idx] = warped

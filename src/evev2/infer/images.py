@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +97,15 @@ def _fetch_remote(url: str, limits: ImageLimits) -> bytes:
         raise ImageInputError("remote image URLs are disabled (server-side request forgery risk); send the image "
                               "as a data:image/...;base64, URL, or enable remote images explicitly")
     try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 (raises for a port that is not a number in 0..65535)
+    except ValueError as err:
+        raise ImageInputError(f"malformed image URL {url!r}: {err}") from err
+    try:
         with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as response:  # noqa: S310 (scheme checked above)
             data = response.read(limits.max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise ImageInputError(f"cannot fetch image {url}: {err}") from err
-    return _check_size(data, limits, f"image at {url}")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+        # HTTPException: a URL with control characters (InvalidURL), or a server that breaks HTTP (bad status line,
+        # broken chunked body, overlong or too many header lines). The URL is quoted: it may hold anything, lone
+        # surrogates included, which a JSON error body could not encode.
+        raise ImageInputError(f"cannot fetch image {url!r}: {err}") from err
+    return _check_size(data, limits, f"image at {url!r}")

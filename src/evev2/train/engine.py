@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +40,7 @@ from evev2.train.recipe import Recipe, load_recipe
 from evev2.train.record import check_resume, write_run_record
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass
@@ -348,18 +351,40 @@ def train_cli(*, recipe: Path, output: str | None = None, max_steps: int | None 
     """Train one stage from a TOML recipe (single process, or FSDP2 under torchrun).
 
     Args:
-        recipe: the stage recipe (recipes/*.toml).
+        recipe: the stage recipe: a TOML file (recipes/*.toml), or a shipped recipe by name (tiny/stage1,
+            paper/stage2_2).
         output: run folder (checkpoints, metrics.jsonl, loss_curve.png, export/); default: the recipe's `output`.
         max_steps: stop after this many steps (the schedule still spans the recipe's `train.steps`).
         resume: continue from the newest checkpoint in the run folder (refused if the recipe changed since).
         force: resume even though training-relevant recipe fields changed (they are listed in a warning).
         overrides: recipe fields as key=value, e.g. train.steps=20 optim.lr=1e-4.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     spec = load_recipe(recipe, overrides)
-    with distributed_session():
-        trainer = Trainer(spec, output or spec.output, resume=resume, max_steps=max_steps, force=force)
+    out = Path(output or spec.output)
+    with distributed_session() as (rank, _, _), run_log(out / ("train.log" if rank == 0 else f"train.rank{rank}.log")):
+        trainer = Trainer(spec, out, resume=resume, max_steps=max_steps, force=force)
         export = trainer.train()
         if export is not None and trainer.rank == 0:
             print(f"exported {export}")
     return export
+
+
+@contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Copy every log line of the command into `path` (appended across launches), and the traceback of a failure:
+    the console shows a user error as one line, the run folder keeps the details."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    except BaseException:
+        handler.handle(logging.makeLogRecord({"name": __name__, "levelno": logging.ERROR, "levelname": "ERROR",
+                                              "msg": "the command failed", "exc_info": sys.exc_info()}))
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -7,6 +7,7 @@ offending field (`data.sources[0].path`), so a malformed recipe fails before any
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import sys
 import types
 import typing
@@ -20,6 +21,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+#: The shipped recipes: the repository's `recipes/` folder, installed as this package (see pyproject.toml).
+RECIPE_PACKAGE = "evev2.recipes"
 
 #: Trainable parameter groups, selected by role (see `evev2.train.groups`).
 GROUPS = ("patch_embed", "vision", "text", "embeddings")
@@ -190,9 +194,40 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> None:
         node[leaf] = value
 
 
+def shipped_recipes() -> Path:
+    """The folder of the recipes shipped with evev2 (`tiny/`, `paper/`): the repository's `recipes/` under an editable
+    install, `evev2/recipes/` in site-packages under a regular one."""
+    try:
+        root = importlib.resources.files(RECIPE_PACKAGE)
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(f"the shipped recipes ({RECIPE_PACKAGE}) are not installed: install evev2 with pip "
+                                "(`pip install -e .` in the repository), or name a recipe file or folder") from err
+    return Path(str(root))
+
+
+def shipped_recipe_names() -> list[str]:
+    """Every shipped recipe by its name, e.g. `tiny/stage1` for `recipes/tiny/stage1.toml`."""
+    root = shipped_recipes()
+    return sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.rglob("*.toml"))
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """A recipe file: `recipe` itself when it exists or ends in a suffix (`.toml`), else the shipped recipe of that
+    name (`tiny/stage1` -> the installed `recipes/tiny/stage1.toml`)."""
+    path = Path(recipe)
+    if path.exists() or path.suffix:
+        return path
+    shipped = shipped_recipes() / f"{path.as_posix()}.toml"
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"recipe {recipe} not found: no such file, nor a shipped recipe of that name "
+                            f"({', '.join(shipped_recipe_names())})")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, type-check and validate a recipe. Relative paths in it are relative to the current folder."""
-    path = Path(path)
+    """Read, override, type-check and validate a recipe: a TOML file, or a shipped recipe's name (`tiny/stage1`, see
+    `find_recipe`). Relative paths in it are relative to the current folder."""
+    path = find_recipe(path)
     try:
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
