@@ -66,7 +66,8 @@ from evev2.data.processor import EVEProcessor  # noqa: E402
 from evev2.demo.tokenizer import train_world_tokenizer  # noqa: E402
 from evev2.model import EVEConfig, EVEForCausalLM  # noqa: E402
 from evev2.model.convert import AtomicFolder  # noqa: E402
-from evev2.train.engine import Trainer, read_metrics  # noqa: E402
+from evev2 import jsonio  # noqa: E402
+from evev2.train.engine import Trainer  # noqa: E402
 from evev2.train.recipe import load_recipe  # noqa: E402
 
 WORDS = ("a the photo of red blue green small large wooden metal old new house tree car dog cat person street "
@@ -298,7 +299,7 @@ def run_engine(config: Config, recipe: Path, shards: Path, dims: str, out: Path,
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     left = torch.cuda.memory_allocated() / 2**30 if cuda else None  # not freed by the Trainer's end: a leak
 
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = jsonio.read_jsonl(out / "metrics.jsonl")
     sample = sample_tokens(config.batch)
     assert [r["step"] for r in rows] == list(range(1, warmup + steps + 1)), [r["step"] for r in rows]
     assert all(r["tokens"] == 2 * sample and r["packing_efficiency"] == 1.0 for r in rows), rows[0]

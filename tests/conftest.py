@@ -75,7 +75,7 @@ def tiny_vlm_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_world_dir(tmp_path_factory) -> Path:
     """32 small synthetic scenes (one object each) in every format the data code reads."""
-    from evev2.data.synth import write_world
+    from evev2.synth.world import write_world
 
     root = tmp_path_factory.mktemp("tiny_world")
     write_world(root, n=32, seed=0, split="train", level=1)

@@ -37,13 +37,13 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert", "llm"): ("evev2.model.convert:convert_llm_cli", "Qwen2-family LLM folder -> EVEv2 model folder"),
     ("convert", "merge"): ("evev2.model.convert:merge_reparam_cli", "EVEv1.2 folder -> the equivalent merged EVEv1.5 folder"),
     ("convert", "official"): ("evev2.model.convert:convert_official_cli", "official EVEv2 checkpoint <-> ours"),
-    ("data", "synth"): ("evev2.data.synth:synth_cli", "render the synthetic world (LLaVA JSON, WebDataset, text)"),
+    ("data", "synth"): ("evev2.synth.world:synth_cli", "render the synthetic world (LLaVA JSON, WebDataset, text)"),
     ("demo",): ("evev2.demo.pipeline:demo_cli", "train a tiny EVEv2 end to end on the synthetic world (CPU) and evaluate it"),
     ("eval", "report"): ("evev2.eval.commands:report_cli", "tasks x models table from result folders"),
     ("eval", "run"): ("evev2.eval.run:run_cli", "run a model on a benchmark (resumable, torchrun-aware) and score it"),
     ("eval", "score"): ("evev2.eval.commands:score_cli", "score a predictions JSONL on a benchmark"),
     ("recap",): ("evev2.recap.cli:recap_cli", "re-caption image shards with a captioner model, filtered and resumable"),
-    ("serve",): ("evev2.serve.cli:serve_cli", "OpenAI-compatible HTTP server with dynamic batching and a web page"),
+    ("serve",): ("evev2.serve.cli:serve_cli", "OpenAI-compatible HTTP server with continuous batching and a web page"),
     ("train",): ("evev2.train.engine:train_cli", "train one stage from a TOML recipe"),
 }
 

@@ -18,7 +18,7 @@ from evev2.data.errors import SampleError, TooManyBadSamplesError
 from evev2.data.image_processing import EVEImageProcessor, num_image_tokens
 from evev2.data.processor import EVEProcessor
 from evev2.data.samples import DataStats, SampleBuilder, Skip
-from evev2.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from evev2.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 BUDGET = 160
 

@@ -14,7 +14,7 @@ from evev2.data.image_processing import EVEImageProcessor
 from evev2.data.loader import StepStream, step_loader
 from evev2.data.processor import EVEProcessor
 from evev2.data.samples import SampleBuilder
-from evev2.data.templates import IMAGE_TOKEN_INDEX
+from evev2.constants import IMAGE_TOKEN_INDEX
 
 BUDGET = 128
 

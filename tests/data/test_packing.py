@@ -1,21 +1,13 @@
-"""Packing invariants, efficiency, the unpacked collator, modality grouping, and packed == unpacked loss."""
+"""Packing invariants, the collators, and packed == unpacked loss."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from evev2.data.image_processing import num_image_tokens
-from evev2.data.packing import (
-    PackedBatches,
-    collate_rows,
-    collate_unpacked,
-    first_fit_rows,
-    group_by_modality_length,
-    packing_efficiency,
-)
+from evev2.data.packing import collate_rows, collate_unpacked, first_fit_rows
 from evev2.data.samples import Sample
-from evev2.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from evev2.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 PAD = 151643
 BUDGET = 96
@@ -79,39 +71,6 @@ def test_unpacked_collator_has_one_sample_per_row():
     batch = collate_unpacked(samples, PAD)
     assert batch["attention_mask"].max() == 1
     assert batch["attention_mask"].sum(dim=1).tolist() == [len(s.input_ids) for s in samples]
-
-
-def test_efficiency_is_real_tokens_over_rows_times_budget():
-    samples = random_samples(40, seed=3)
-    rows = first_fit_rows(samples, BUDGET)
-    total = sum(s.num_tokens for s in samples)
-    assert packing_efficiency(rows, BUDGET) == pytest.approx(total / (len(rows) * BUDGET))
-    assert packing_efficiency(rows, BUDGET) > packing_efficiency([[s] for s in samples], BUDGET)
-
-
-def test_streaming_packer_emits_every_sample_once_within_budget():
-    samples = random_samples(75, seed=4)
-    packer = PackedBatches(samples, token_budget=BUDGET, rows_per_batch=3, pad_token_id=PAD, buffer_size=16)
-    seen = []
-    for batch in packer:
-        assert batch["input_ids"].shape[0] <= 3
-        for segments, mask in zip(rows_of(batch), batch["attention_mask"]):
-            row_tokens = 0
-            for seg_ids, _ in segments:
-                match = next(s for s in samples if torch.equal(s.input_ids, seg_ids))
-                seen.append(match.sample_id)
-                row_tokens += match.num_tokens
-            assert row_tokens <= BUDGET
-    assert sorted(seen) == sorted(s.sample_id for s in samples)
-    assert packer.stats.samples == 75
-    assert packer.stats.efficiency == pytest.approx(sum(s.num_tokens for s in samples) / (packer.stats.rows * BUDGET))
-
-
-def test_modality_grouping_never_mixes_image_and_text_batches():
-    samples = random_samples(50, seed=5)
-    batches = list(group_by_modality_length(samples, batch_size=4, buffer_size=20, seed=0))
-    assert all(len({s.has_images for s in batch}) == 1 for batch in batches)
-    assert sorted(s.sample_id for b in batches for s in b) == sorted(s.sample_id for s in samples)
 
 
 def test_packed_and_unpacked_batches_give_the_same_summed_loss(qwen_tokenizer_dir):

@@ -34,7 +34,7 @@ from evev2.data.errors import SampleError
 from evev2.data.image_processing import EVEImageProcessor, num_image_tokens
 from evev2.data.processor import EVEProcessor
 from evev2.data.samples import RawRecord, Sample, SampleBuilder, Skip
-from evev2.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from evev2.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 # Fuzzed files make Pillow warn about what it skips (corrupt EXIF, tags past the end): expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")

@@ -16,13 +16,12 @@ from evev2.data.errors import (
     MalformedRecordError,
     TemplateMismatchError,
 )
+from evev2.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from evev2.data.image_processing import EVEImageProcessor
 from evev2.data.processor import EVEProcessor
 from evev2.data.templates import (
     CHATML_SYSTEM_PROMPT,
     EVE_SYSTEM_PROMPT,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
     encode_conversation,
     get_template,
     normalize_messages,

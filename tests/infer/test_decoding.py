@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from evev2.infer.decoding import PerRowSampling, RowControl, RowDecoder, RowStoppingCriteria
+from evev2.infer.decoding import PerRowSampling, RowControl, RowDecoder
 
 IM_END = 151645
 
@@ -37,10 +37,10 @@ def test_deltas_concatenate_to_the_text_and_split_no_character(tokenizer):
 def test_piecewise_decoding_equals_decoding_everything_at_once(tokenizer):
     """Random ids include many byte fragments, so characters (and invalid sequences) straddle tokens everywhere."""
     ids = torch.randint(0, 151_643, (400,), generator=torch.Generator().manual_seed(0)).tolist()
-    decoder = RowDecoder(tokenizer, {IM_END}, 1000, [], RowControl())
+    decoder = RowDecoder(tokenizer, {IM_END}, len(ids), [], RowControl())
     for token in ids:
         decoder.push(token)
-    decoder.flush()
+    assert decoder.finish_reason == "length"
     assert decoder.text == tokenizer.decode(ids).rstrip("\ufffd").lstrip()  # answers start at their first non-space
 
 
@@ -57,13 +57,17 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(tokenizer, text, stop,
 
 
 def test_a_possible_stop_prefix_is_held_back_then_released(tokenizer):
-    decoder, deltas = feed(tokenizer, "wait for END", stop=["END OF"])
+    tail = tokenizer.encode(" GAME", add_special_tokens=False)
+    last = tokenizer.encode("!", add_special_tokens=False)
+    budget = len(tokenizer.encode("wait for END", add_special_tokens=False)) + len(tail) + len(last)
+    decoder, deltas = feed(tokenizer, "wait for END", stop=["END OF"], max_new_tokens=budget)
     assert decoder.text == "wait for " and not decoder.done  # "END" could still become "END OF"
-    for token in tokenizer.encode(" GAME", add_special_tokens=False):
+    for token in tail:
         decoder.push(token)
     assert "".join(deltas) == decoder.text == "wait for END GAM"  # a final "E" could start "END OF" again
-    decoder.flush()
-    assert "".join(deltas) == decoder.text == "wait for END GAME" and decoder.finish_reason == "length"
+    for token in last:  # the last token allowed: the row ends and releases what it held back
+        decoder.push(token)
+    assert "".join(deltas) == decoder.text == "wait for END GAME!" and decoder.finish_reason == "length"
 
 
 def test_eos_and_length_finish_rows(tokenizer):
@@ -75,15 +79,16 @@ def test_eos_and_length_finish_rows(tokenizer):
     assert decoder.text == tokenizer.decode(tokenizer.encode("one two three four five six")[:3])
 
 
-def test_stopping_criteria_reports_rows_and_honours_cancel(tokenizer):
-    controls = [RowControl(), RowControl()]
-    decoders = [RowDecoder(tokenizer, {IM_END}, 10, [], c) for c in controls]
-    criteria = RowStoppingCriteria(decoders)
-    ids = torch.tensor([[5, 9], [5, IM_END]])
-    assert criteria(ids, None).tolist() == [False, True]
-    controls[0].cancel()
-    assert criteria(torch.tensor([[5, 9, 7], [5, IM_END, 0]]), None).tolist() == [True, True]
-    assert decoders[0].finish_reason == "cancelled" and decoders[0].completion_tokens == 1
+def test_cancel_ends_the_row_before_its_next_token(tokenizer):
+    control = RowControl()
+    decoder = RowDecoder(tokenizer, {IM_END}, 10, [], control)
+    decoder.push(5)
+    decoder.check_cancelled()
+    assert not decoder.done
+    control.cancel()
+    decoder.check_cancelled()
+    decoder.push(9)  # a token decoded after the cancel is ignored
+    assert decoder.finish_reason == "cancelled" and decoder.completion_tokens == 1
 
 
 def nucleus_reference(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -101,7 +106,7 @@ def test_per_row_sampling_matches_a_reference_per_row():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g, dtype=torch.float64)
     params = [(0.0, 1.0), (0.7, 0.9), (1.3, 1.0), (0.7, 0.9)]
-    out = PerRowSampling([t for t, _ in params], [p for _, p in params])(torch.zeros(4, 1, dtype=torch.long), logits)
+    out = PerRowSampling([t for t, _ in params], [p for _, p in params])(logits)
     greedy = out[0]
     assert torch.isfinite(greedy).sum() == 1 and greedy.argmax() == logits[0].argmax()
     for row, (t, p) in enumerate(params[1:], start=1):

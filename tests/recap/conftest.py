@@ -42,7 +42,7 @@ def scripted_captioner():
 @pytest.fixture(scope="session")
 def world_shards(tmp_path_factory) -> Path:
     """12 level-1 scenes in three WebDataset shards of four (plus the LLaVA JSON and images)."""
-    from evev2.data.synth import write_world
+    from evev2.synth.world import write_world
 
     root = tmp_path_factory.mktemp("recap_world")
     write_world(root, n=12, seed=3, split="train", level=1, shard_size=4)

@@ -168,7 +168,7 @@ def test_recap_output_feeds_a_weighted_training_mixture(tmp_path, world_shards, 
     from evev2.data.datasets import LlavaJsonSource, Mixture, WebDatasetSource
     from evev2.data.processor import EVEProcessor
     from evev2.data.samples import SampleBuilder
-    from evev2.data.templates import IGNORE_INDEX
+    from evev2.constants import IGNORE_INDEX
 
     run_recap(scripted_captioner(), _shards(world_shards), tmp_path / "recap", RecapSettings("cap"))
     new_captions = {d["caption"] for d in _decisions(tmp_path / "recap").values() if d["status"] == "kept"}

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from evev2.data.synth import generate_world
+from evev2.synth.world import generate_world
 from evev2.recap.filters import (
     EMPTY,
     NOT_ENGLISH,

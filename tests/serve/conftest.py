@@ -41,7 +41,7 @@ def live_server(tiny_chat_engine):
     from evev2.serve import ServeSettings, create_app
     from evev2.serve.background import background_server
 
-    settings = ServeSettings(model_name="tiny-eve", api_key=API_KEY, max_batch_size=32, batch_window_ms=20)
+    settings = ServeSettings(model_name="tiny-eve", api_key=API_KEY)
     app = create_app(tiny_chat_engine, settings)
     with background_server(app) as url:
         yield SimpleNamespace(url=url, app=app, engine=tiny_chat_engine)

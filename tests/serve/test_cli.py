@@ -43,3 +43,14 @@ def test_api_key_from_the_environment(tiny_eve_chat_dir, captured_run, monkeypat
         assert client.get("/v1/models").status_code == 401
         models = client.get("/v1/models", headers={"Authorization": "Bearer env-key"}).json()
         assert models["data"][0]["id"] == tiny_eve_chat_dir.name
+
+
+def test_quantize_flag_loads_int8_weights(tiny_eve_chat_dir, captured_run):
+    pytest.importorskip("torchao")
+    main(["serve", "--model", str(tiny_eve_chat_dir), "--quantize", "int8", "--max-batch-size", "4"])
+    engine = captured_run["app"].state.engine
+    assert type(engine.model.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+    assert engine.batcher.max_batch_size == 4
+    with TestClient(captured_run["app"]) as client:
+        one = client.post("/v1/chat/completions", json=chat_body("one?", max_tokens=2))
+        assert one.status_code == 200 and one.json()["usage"]["completion_tokens"] == 2

@@ -1,9 +1,9 @@
 """Fuzzing the HTTP API (issue 16): whatever a client sends, the answer is a 2xx or a 4xx with a JSON reason.
 
-Hypothesis POSTs generated bodies to the real app in-process (TestClient runs the lifespan, so the real batching
-thread generates with the tiny random model): arbitrary JSON, chat requests that are valid except for one part (image
-URLs, data URIs of forged or corrupt images, sampling fields, stop shapes, streaming), raw bytes under any content
-type, and other paths. Properties: never a 5xx, a 4xx always carries `{"error": {"message", "type"}}`, a 2xx is a
+Hypothesis POSTs generated bodies to the real app in-process (TestClient runs the lifespan; the engine's real
+continuous batcher generates with the tiny random model): arbitrary JSON, chat requests that are valid except for one
+part (image URLs, data URIs of forged or corrupt images, sampling fields, stop shapes, streaming), raw bytes under any
+content type, and other paths. Properties: never a 5xx, a 4xx always carries `{"error": {"message", "type"}}`, a 2xx is a
 well-formed completion (or SSE stream without an in-band error), and afterwards the server still answers normally.
 Valid requests ask for at most 3 new tokens (default 2) so that generation stays cheap.
 """
@@ -59,10 +59,8 @@ def client(tiny_chat_engine):
     """Small limits (2 images of <= 5000 pixels and 40 kB, 300 kB bodies), 2 new tokens by default, no batch wait."""
     engine = InferenceEngine(tiny_chat_engine.model, tiny_chat_engine.processor,
                              ImageLimits(max_pixels=MAX_PIXELS, max_bytes=MAX_IMAGE_BYTES), max_images=2)
-    settings_ = ServeSettings(model_name=MODEL, api_key=KEY, default_max_tokens=2, max_body_bytes=MAX_BODY,
-                              batch_window_ms=0.0)
+    settings_ = ServeSettings(model_name=MODEL, api_key=KEY, default_max_tokens=2, max_body_bytes=MAX_BODY)
     with TestClient(create_app(engine, settings_), raise_server_exceptions=False) as test_client:
-        assert test_client.app.state.worker._thread.is_alive()  # the real batching thread, started by the lifespan
         yield test_client
 
 
@@ -112,14 +110,13 @@ def post_json(client, value, ascii_only: bool = True):
 
 
 def still_serves(client) -> None:
-    worker = client.app.state.worker
-    assert worker._thread is not None and worker._thread.is_alive()
     body = {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(SAMPLES["png_rgb"])}},
         {"type": "text", "text": "still there?"}]}], "temperature": 0, "max_tokens": 3}
     ok = post_json(client, body)
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] == 3 and ok.json()["choices"][0]["finish_reason"] == "length"
+    assert client.app.state.requests.engine.stats.running == 0  # no row was left behind in the batch
 
 
 # ----- image payloads: valid in many formats and modes, forged headers, truncated, corrupted -----
@@ -444,7 +441,7 @@ def remote(tiny_chat_engine):
     """A client of a server that fetches http(s) images, and the base URL of a misbehaving loopback image host."""
     engine = InferenceEngine(tiny_chat_engine.model, tiny_chat_engine.processor,
                              ImageLimits(max_pixels=MAX_PIXELS, max_bytes=MAX_IMAGE_BYTES, allow_remote=True))
-    settings_ = ServeSettings(model_name=MODEL, default_max_tokens=2, batch_window_ms=0.0)
+    settings_ = ServeSettings(model_name=MODEL, default_max_tokens=2)
     with pytest.MonkeyPatch.context() as env, socketserver.ThreadingTCPServer(("127.0.0.1", 0),
                                                                                _CannedHandler) as host:
         for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
@@ -508,7 +505,7 @@ def capped_raw(raw: bytes) -> bytes:
 
 
 def test_the_server_still_answers_after_the_fuzzing(client):
-    """Runs after the properties above (file order): the batching thread is alive and a normal request works."""
+    """Runs after the properties above (file order): the batcher still answers normal requests."""
     still_serves(client)
     assert client.get("/health").json()["status"] == "ok"
     streamed = post_json(client, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True,

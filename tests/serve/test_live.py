@@ -1,4 +1,4 @@
-"""A real uvicorn server: 32 concurrent clients share batches, the `openai` client works, disconnects free rows."""
+"""A real uvicorn server: 32 concurrent clients share the batch, the `openai` client works, disconnects free rows."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def test_32_concurrent_requests_are_batched_and_all_correct(live_server, image_u
         assert reply["usage"]["completion_tokens"] == want.completion_tokens
         assert reply["usage"]["prompt_tokens"] == want.prompt_tokens
     after = wait_idle(live_server)
-    batches, rows = after["batches"] - before["batches"], after["rows"] - before["rows"]
-    assert rows == 32 and batches < 32 and after["largest_batch"] > 1  # requests really shared forward passes
+    prefills, rows = after["prefills"] - before["prefills"], after["rows"] - before["rows"]
+    assert rows == 32 and prefills < 32 and after["largest_batch"] > 1  # requests really shared forward passes
 
 
 def test_openai_client_plain_and_streamed(live_server, image_urls):

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evev2.train.engine import Trainer, read_metrics
+from evev2 import jsonio
+from evev2.train.engine import Trainer
 from evev2.train.recipe import load_recipe
 
 STEPS, BATCH = 5, 8  # 40 records: one epoch
@@ -183,7 +184,7 @@ def test_a_run_over_every_kind_of_bad_record_trains_every_good_one(messy):
     assert sorted(trainer.trained_ids) == messy["good_ids"]  # every good record, each once
     assert trainer.stats.kept == 28 and trainer.stats.seen == 40
     assert dict(trainer.stats.skipped) == messy["expected"]
-    rows = read_metrics(messy["root"] / "run" / "metrics.jsonl")
+    rows = jsonio.read_jsonl(messy["root"] / "run" / "metrics.jsonl")
     assert len(rows) == STEPS and rows[-1]["skipped_samples"] == 12
     assert all(math.isfinite(row["loss"]) and row["supervised_tokens"] > 0 for row in rows)
 

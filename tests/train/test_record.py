@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evev2.train import record
+from evev2 import jsonio
 from evev2.train.recipe import RecipeError, load_recipe
 from evev2.train.record import NOT_TRAINING_RELEVANT, RecipeChangedError, check_resume, write_run_record
 
@@ -74,7 +74,7 @@ def test_an_interrupted_write_leaves_the_previous_files_intact(tmp_path, monkeyp
         f = open(path, *args, **kwargs)
         return HalfWriter(f) if failing in Path(path).name else f
 
-    monkeypatch.setattr(record, "open", half_open, raising=False)
+    monkeypatch.setattr(jsonio, "open", half_open, raising=False)
     with pytest.raises(OSError, match="No space"):
         launch(tmp_path, ["train.steps=9"])
     assert (tmp_path / "run.json").read_bytes() == before["run.json"]  # written last: untouched either way

@@ -12,9 +12,10 @@ from evev2.data.errors import SampleError
 from evev2.data.packing import collate_unpacked
 from evev2.data.processor import EVEProcessor
 from evev2.data.samples import DataStats, RawRecord, Sample, SampleBuilder
-from evev2.data.templates import IGNORE_INDEX, IMAGE_MARKER
+from evev2.constants import IGNORE_INDEX
+from evev2.data.templates import IMAGE_MARKER
 from evev2.model import EVEForCausalLM
-from evev2.train.engine import read_metrics
+from evev2 import jsonio
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,6 @@ def caption_loss(model: EVEForCausalLM, processor: EVEProcessor, records: list[d
 
 def run_tokens(metrics: Path) -> dict[str, int]:
     """Spliced and supervised tokens of a training run, summed over its metrics.jsonl steps."""
-    rows = read_metrics(metrics)
+    rows = jsonio.read_jsonl(metrics)
     return {"steps": len(rows), "tokens": sum(r["tokens"] for r in rows),
             "supervised_tokens": sum(r["supervised_tokens"] for r in rows)}

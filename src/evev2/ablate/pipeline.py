@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
+from evev2 import jsonio
 from evev2.ablate.measure import caption_loss, run_tokens
 from evev2.ablate.plan import ABLATION_VARIANTS, FULL_ABLATION, QUICK_ABLATION, AblationPlan
 from evev2.ablate.report import ablation_table, plot_ablation_curves, summarize, verdict
 from evev2.ablate.variants import derive_variant, parameter_counts, sft_trainable, stage2_trainable
-from evev2.data.synth_language import QA_TYPES
+from evev2.synth.language import QA_TYPES
 from evev2.demo.evaluate import evaluate_heldout, split_question_file
 from evev2.demo.language import text_perplexity
 from evev2.demo.pipeline import build_llm, build_world, nonblank_lines, recipe_folder, stage_overrides
@@ -102,7 +103,7 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
     questions = folders["heldout"] / "heldout_questions.jsonl"
     qa_file, caption_file = split_question_file(questions, output / "eval", plan.caption_bleu_images)
     files = {"qa": qa_file, "captions": caption_file, "root": folders["heldout"],
-             "caption_records": [r for r in map(json.loads, nonblank_lines(questions)) if r["type"] == "caption"],
+             "caption_records": [r for r in jsonio.read_jsonl(questions) if r["type"] == "caption"],
              "text": nonblank_lines(folders["heldout"] / "heldout_text.txt")}
     runs, variants, curves = [], {}, {v: [] for v in ABLATION_VARIANTS}
     for seed in range(seeds):

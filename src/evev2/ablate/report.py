@@ -6,8 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from evev2.data.synth_language import QA_TYPES
-from evev2.train.engine import read_metrics
+from evev2.synth.language import QA_TYPES
+from evev2 import jsonio
 
 #: Per-run numbers averaged over seeds (accuracies are fractions; lower is better for loss and perplexity).
 #: After stage 2: caption_loss, perplexity_stage2; after SFT: the VQA accuracies, caption_bleu4, perplexity_sft.
@@ -129,7 +129,7 @@ def plot_ablation_curves(runs: dict[str, list[Path]], out: Path, decay: float = 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for colour, (variant, paths) in zip(colours, runs.items()):
         for seed, path in enumerate(paths):
-            rows = read_metrics(path)
+            rows = jsonio.read_jsonl(path)
             tokens, total = [], 0
             for row in rows:
                 total += row["tokens"]

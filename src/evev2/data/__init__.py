@@ -1,1 +1,1 @@
-"""Data: image preprocessing, the synthetic world, templates and datasets."""
+"""Data: image preprocessing, templates and the processor, record sources, packing and the step loader."""

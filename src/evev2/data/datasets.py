@@ -10,7 +10,6 @@ epoch) is its whole state, so `load_state_dict` resumes exactly. Records are spl
 
 from __future__ import annotations
 
-import json
 import random
 import tarfile
 from collections import deque
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from evev2 import jsonio
 from evev2.data.errors import MalformedRecordError
 from evev2.data.image_processing import read_regular_file
 from evev2.data.samples import RawRecord, Sample, SampleBuilder, Skip
@@ -36,21 +36,12 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def parse_json(data: str | bytes, where: str) -> Any:
-    """One JSON document of a record, or `MalformedRecordError` naming `where` and what is wrong with it.
-
-    Besides syntax errors, a record can be undecodable bytes, nested too deeply for the parser (RecursionError), or
-    hold an integer longer than Python converts (ValueError): each is a bad record, not a bad run.
-    """
+    """One JSON document of a record, or `MalformedRecordError` naming `where` and what is wrong with it (not UTF-8,
+    not JSON, nested too deeply, an integer too long: a bad record, not a bad run)."""
     try:
-        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data  # -sig: a leading BOM is dropped
-    except UnicodeDecodeError as err:
-        raise MalformedRecordError(f"{where}: not valid UTF-8 ({err})") from err
-    try:
-        return json.loads(text)
-    except RecursionError as err:
-        raise MalformedRecordError(f"{where}: JSON nested too deeply") from err
-    except ValueError as err:  # json.JSONDecodeError, and int digit limits
-        raise MalformedRecordError(f"{where}: invalid JSON ({err})") from err
+        return jsonio.loads(data)
+    except ValueError as err:
+        raise MalformedRecordError(f"{where}: {err}") from err
 
 
 def record_from_llava(entry: Any, default_id: str, source: str, image_root: Path | None) -> RawRecord:
@@ -158,14 +149,11 @@ class LlavaJsonSource(SampleSource):
         self.path = path
         if path.suffix == ".jsonl":
             self.mode = "jsonl"
-            # Newlines only: str.splitlines() would also split inside records, at U+2028, U+0085 or \x1c. A UTF-8 BOM
-            # (Windows tools write one) is dropped when the first line is parsed.
-            lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), start=1)
-                     if line.strip()]
+            lines = jsonio.raw_lines(path)
             self.line_numbers = [number for number, _ in lines]
             self.entries: list[Any] = [line for _, line in lines]  # raw bytes, decoded in _to_record
         else:
-            entries = json.loads(path.read_text(encoding="utf-8"))  # a broken list file is fatal, not a skip
+            entries = jsonio.read_json(path)  # a broken list file is fatal, not a skip
             if not isinstance(entries, list):
                 raise ValueError(f"{path}: expected a JSON list of records or of file names")
             self.mode = "index" if entries and all(isinstance(e, str) for e in entries) else "records"

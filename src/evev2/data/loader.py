@@ -24,7 +24,7 @@ from evev2.data.datasets import Mixture
 from evev2.data.errors import SampleError
 from evev2.data.packing import collate_rows, first_fit_rows
 from evev2.data.samples import Sample, Skip
-from evev2.data.templates import IGNORE_INDEX
+from evev2.constants import IGNORE_INDEX
 
 
 @dataclass

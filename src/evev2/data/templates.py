@@ -21,6 +21,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from evev2.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from evev2.data.errors import (
     EmptyConversationError,
     ImageCountMismatchError,
@@ -30,8 +31,6 @@ from evev2.data.errors import (
 )
 
 IMAGE_MARKER = "<image>"
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
 
 EVE_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "

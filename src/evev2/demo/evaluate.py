@@ -6,13 +6,13 @@ image replaced by a flat image of that image's mean colour and size, so it reads
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageStat
 
+from evev2 import jsonio
 from evev2.eval.run import run_benchmark
 from evev2.infer.engine import GenerationRequest, GenerationResult, InferenceEngine
 from evev2.infer.images import load_image
@@ -28,13 +28,13 @@ def split_question_file(questions: Path, out_dir: Path, caption_images: int) -> 
     Answers are one word and captions dozens, so they are decoded in separate batches: a batch runs until its
     longest row stops.
     """
-    records = [json.loads(line) for line in questions.read_text().splitlines() if line.strip()]
+    records = jsonio.read_jsonl(questions)
     qa = [r for r in records if r["type"] != "caption"]
     captions = [r for r in records if r["type"] == "caption"][:caption_images]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "heldout_qa.jsonl", out_dir / "heldout_captions.jsonl"
     for path, rows in zip(paths, (qa, captions)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        jsonio.write_jsonl(path, rows)
     return paths
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from evev2.data.synth import write_world
+from evev2 import jsonio
+from evev2.synth.world import write_world
 from evev2.demo.evaluate import evaluate_heldout, split_question_file
 from evev2.demo.language import chat_documents, pretrain_llm, text_perplexity
 from evev2.demo.plan import CALIBRATED_MINUTES, FULL_PLAN, QUICK_PLAN, DemoPlan
@@ -102,7 +103,7 @@ def nonblank_lines(path: Path) -> list[str]:
 def build_llm(plan: DemoPlan, folders: dict[str, Path], out: Path) -> tuple[Path, float]:
     """Tokenizer + stage-0 LLM trained on the full world's training text; returns its folder and held-out perplexity."""
     full = folders[f"level{max(plan.train_images)}"]
-    records = json.loads((full / "train.json").read_text())
+    records = jsonio.read_json(full / "train.json")
     documents = nonblank_lines(full / "train_text.txt") + chat_documents(records, CHAT_TEMPLATE)
     tokenizer = train_world_tokenizer(documents, plan.vocab_size)
     llm = pretrain_llm(tokenizer, documents, out, plan.llm, plan.llm_steps, plan.llm_batch_rows)
@@ -160,7 +161,7 @@ def run_demo(output: Path, plan: DemoPlan, recipes: Path | None = None) -> dict[
     clock.lap("eval")
     predictions = {**read_predictions(Path(heldout["predictions"]["final"])),
                    **read_predictions(Path(heldout["predictions"]["final-captions"]))}
-    records = [json.loads(line) for line in nonblank_lines(folders["heldout"] / "heldout_questions.jsonl")]
+    records = jsonio.read_jsonl(folders["heldout"] / "heldout_questions.jsonl")
     sheet = contact_sheet(records, predictions, folders["heldout"], output / "contact_sheet.png",
                           plan.contact_sheet_images)
     example = folders["heldout"] / records[0]["image"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from evev2.data.synth_language import QA_TYPES
+from evev2.synth.language import QA_TYPES
 from evev2.eval.synth_metrics import normalize_synth_answer
 
 TILE_IMAGE_PX = 320

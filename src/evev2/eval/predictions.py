@@ -13,16 +13,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from evev2 import jsonio
 from evev2.eval.records import check_bad_fraction
 
 logger = logging.getLogger(__name__)
 
 
-def _parse_prediction(line: str) -> tuple[str, str] | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
+def _parse_prediction(record: Any) -> tuple[str, str] | None:
     if not isinstance(record, dict) or "question_id" not in record or not isinstance(record.get("text"), str):
         return None
     return str(record["question_id"]), record["text"]
@@ -33,19 +30,16 @@ def read_predictions(path: Path) -> dict[str, str]:
     the run); for a repeated id the first answer is kept."""
     predictions: dict[str, str] = {}
     bad = total = repeated = 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            total += 1
-            parsed = _parse_prediction(line)
-            if parsed is None:
-                logger.warning("%s:%d: not a {\"question_id\", \"text\"} object", path, number)
-                bad += 1
-            elif parsed[0] in predictions:
-                repeated += 1
-            else:
-                predictions[parsed[0]] = parsed[1]
+    for number, record in jsonio.json_lines(path):
+        total += 1
+        parsed = _parse_prediction(record)
+        if parsed is None:
+            logger.warning("%s:%d: not a {\"question_id\", \"text\"} object", path, number)
+            bad += 1
+        elif parsed[0] in predictions:
+            repeated += 1
+        else:
+            predictions[parsed[0]] = parsed[1]
     if repeated:
         logger.warning("%s: %d repeated question ids; kept the first answer of each", path, repeated)
     check_bad_fraction(bad, total, f"prediction lines of {path}")
@@ -81,9 +75,12 @@ class PredictionWriter:
         if not data or data.endswith(b"\n"):
             return
         cut = data.rfind(b"\n") + 1  # 0 when the only line is torn
-        tail = data[cut:].decode("utf-8", errors="replace")
+        try:
+            tail = _parse_prediction(jsonio.loads(data[cut:]))
+        except ValueError:
+            tail = None
         with open(self.path, "r+b") as handle:
-            if _parse_prediction(tail) is not None:
+            if tail is not None:
                 handle.seek(0, os.SEEK_END)
                 handle.write(b"\n")
             else:

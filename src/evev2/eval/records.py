@@ -9,11 +9,12 @@ the run.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from evev2 import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -31,28 +32,19 @@ def check_bad_fraction(bad: int, total: int, what: str, max_fraction: float = MA
 def read_jsonl(path: Path, what: str = "lines") -> list[dict[str, Any]]:
     """Records of a JSONL file; blank lines are ignored, lines that are not JSON objects are skipped and counted."""
     records, bad, total = [], 0, 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            total += 1
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                logger.warning("%s:%d: not JSON (%s)", path, number, error)
-                bad += 1
-                continue
-            if not isinstance(record, dict):
-                logger.warning("%s:%d: not a JSON object", path, number)
-                bad += 1
-                continue
-            records.append(record)
+    for number, record in jsonio.json_lines(path):
+        total += 1
+        if not isinstance(record, dict):
+            logger.warning("%s:%d: %s", path, number,
+                           record if isinstance(record, ValueError) else "not a JSON object")
+            bad += 1
+            continue
+        records.append(record)
     check_bad_fraction(bad, total, f"{what} of {path}")
     return records
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+def _json_records(data: Any, path: Path) -> list[dict[str, Any]]:
     if isinstance(data, dict):  # TextVQA {"data": [...]}, VQAv2 {"annotations": [...]} / {"questions": [...]}
         data = next((data[key] for key in ("data", "annotations", "questions") if isinstance(data.get(key), list)),
                     data)
@@ -83,12 +75,14 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """All records of an annotation or question file, chosen by its suffix."""
     path = Path(path)
-    readers = {".jsonl": read_jsonl, ".json": _read_json, ".tsv": _read_tsv, ".parquet": _read_parquet}
-    if path.suffix not in readers:
-        raise ValueError(f"{path}: unsupported annotation format {path.suffix!r}; use one of {sorted(readers)}")
+    readers = {".jsonl": read_jsonl, ".tsv": _read_tsv, ".parquet": _read_parquet}
     if path.suffix == ".json":
         try:
-            return _read_json(path)
-        except json.JSONDecodeError:  # POPE ships JSONL under a .json name
+            data = jsonio.read_json(path)
+        except ValueError:  # POPE ships JSONL under a .json name
             return read_jsonl(path, "records")
+        return _json_records(data, path)
+    if path.suffix not in readers:
+        raise ValueError(f"{path}: unsupported annotation format {path.suffix!r}; use one of "
+                         f"{sorted([*readers, '.json'])}")
     return readers[path.suffix](path)

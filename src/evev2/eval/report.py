@@ -7,11 +7,11 @@ folder of hand-written files (e.g. the numbers of the EVEv2 paper's Table 2) is 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from evev2 import jsonio
 from evev2.eval.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,10 @@ def collect_results(dirs: list[Path]) -> dict[str, dict[str, dict[str, Any]]]:
             raise FileNotFoundError(f"{directory} is not a directory")
         for path in sorted(Path(directory).rglob("metrics.json")):
             try:
-                document = json.loads(path.read_text(encoding="utf-8"))
+                document = jsonio.read_json(path)
                 task, model = document["task"], document["model"]
                 document["metrics"][document["headline"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+            except (ValueError, KeyError, TypeError) as error:
                 logger.warning("skipped %s: not a metrics file (%s)", path, error)
                 continue
             if model in table.setdefault(task, {}):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Literal, Sequence
 
 import torch.distributed as dist
 from tqdm import tqdm
@@ -160,8 +160,8 @@ def run_benchmark(generate: Generate, model_name: str, task: str, data: Path, qu
 
 def run_cli(*, model: Path, task: str, data: Path, questions: Path | None = None, image_root: Path | None = None,
             limit: int | None = None, batch_size: int = 8, output: Path = Path("eval_results"),
-            max_new_tokens: int = 128, device: str | None = None, dtype: str | None = None
-            ) -> dict[str, Any] | None:
+            max_new_tokens: int = 128, device: str | None = None, dtype: str | None = None,
+            quantize: Literal["int8"] | None = None) -> dict[str, Any] | None:
     """Run a model on a benchmark (batched greedy decoding, resumable), then score it like `evev2 eval score`.
 
     Writes OUTPUT/<model folder name>/<task>/predictions.jsonl and metrics.json. Under torchrun each rank answers a
@@ -181,13 +181,16 @@ def run_cli(*, model: Path, task: str, data: Path, questions: Path | None = None
         max_new_tokens: answer length cap.
         device: e.g. cpu, cuda, cuda:1; default cuda when available (each torchrun rank uses its LOCAL_RANK GPU).
         dtype: float32, bfloat16 or float16; default bfloat16 on GPU, float32 on CPU.
+        quantize: int8 stores the decoder's linear weights as int8 (torchao, the `quantize` extra); results go
+            under "<model folder name>-int8", apart from the unquantized model's.
     """
     get_task(task)  # an unknown task fails before the model is loaded
     with distributed_session() as (rank, world_size, rank_device):
         shard = Shard(rank, world_size)
         if device is None and world_size > 1:
             device = str(rank_device)  # each torchrun rank on its own GPU
-        engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype)
-        return run_benchmark(engine.generate, Path(model).resolve().name, task, data, questions, image_root, limit,
+        engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype, quantize=quantize)
+        name = Path(model).resolve().name + (f"-{quantize}" if quantize else "")
+        return run_benchmark(engine.generate, name, task, data, questions, image_root, limit,
                              batch_size, output, max_new_tokens, shard,
                              barrier=dist.barrier if world_size > 1 else lambda: None)

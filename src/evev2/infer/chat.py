@@ -60,6 +60,7 @@ def chat_cli(
     top_p: float = 1.0,
     device: str | None = None,
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None,
+    quantize: Literal["int8"] | None = None,
 ) -> None:
     """Chat with a model folder: answers stream as they are generated.
 
@@ -73,8 +74,9 @@ def chat_cli(
         top_p: nucleus sampling mass (with temperature > 0).
         device: e.g. cpu, cuda, cuda:1; default cuda when available.
         dtype: float32, bfloat16, float16 or float64; default bfloat16 on GPU, float32 on CPU.
+        quantize: int8 stores the decoder's linear weights as int8 (torchao, the `quantize` extra).
     """
-    engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype, template=template)
+    engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype, template=template, quantize=quantize)
     session = ChatSession(engine, max_new_tokens, temperature, top_p)
     for path in image or []:
         session.add_image(path)

@@ -1,9 +1,9 @@
 """Per-row decoding state for batched generation: text deltas, stop strings, EOS, length and cancellation.
 
-HF `generate` takes one set of sampling parameters and one set of stop strings for the whole batch. A batch here mixes
-requests that each have their own, so every row gets a `RowDecoder`, fed one token per step by `RowStoppingCriteria`
-(which HF calls after each step with the sequences so far), and `PerRowSampling` applies each row's temperature and
-top-p with HF's own warpers. A greedy row keeps only its argmax, so it is exactly greedy even in a sampled batch.
+Every row of a batch is its own request, with its own sampling parameters and stop strings. The batcher
+(`batcher.py`) feeds each row's newest token to that row's `RowDecoder`, and `PerRowSampling` applies each row's
+temperature and top-p with HF's own warpers. A greedy row keeps only its argmax, so it is exactly greedy even in a
+sampled batch.
 """
 
 from __future__ import annotations
@@ -13,13 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-from transformers import (
-    LogitsProcessor,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -67,7 +61,7 @@ class RowDecoder:
         return self.finish_reason is not None
 
     def push(self, token_id: int) -> None:
-        """Take the next generated token (ignored once the row is done: HF keeps padding finished rows)."""
+        """Take the next generated token (ignored once the row is done)."""
         if self.done:
             return
         self.completion_tokens += 1
@@ -88,11 +82,6 @@ class RowDecoder:
         """End the row if its caller cancelled it; the batch goes on for the other rows."""
         if not self.done and self.control.cancel_event.is_set():
             self.finish_reason = "cancelled"
-
-    def flush(self) -> None:
-        """Generation ended without this row finishing itself (cannot happen unless generate stops early)."""
-        if not self.done:
-            self._finish("length", self._decoded())
 
     def _decoded(self) -> str:
         """All text decoded so far, without a trailing incomplete UTF-8 sequence (it waits for its next bytes).
@@ -136,34 +125,22 @@ class RowDecoder:
         self.finish_reason = reason
 
 
-class RowStoppingCriteria(StoppingCriteria):
-    """Feeds each row's newest token to its decoder and reports which rows are done (HF calls it every step)."""
-
-    def __init__(self, decoders: list[RowDecoder]) -> None:
-        self.decoders = decoders
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        for decoder, token in zip(self.decoders, input_ids[:, -1].tolist(), strict=True):
-            decoder.check_cancelled()
-            decoder.push(token)
-        return torch.tensor([d.done for d in self.decoders], dtype=torch.bool, device=input_ids.device)
-
-
-class PerRowSampling(LogitsProcessor):
+class PerRowSampling:
     """Each row's own temperature and top-p (HF's warpers, on the rows that share them); temperature 0 = greedy."""
 
     def __init__(self, temperatures: list[float], top_ps: list[float]) -> None:
         self.temperatures = temperatures
         self.top_ps = top_ps
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B, V) scores to sample from (-inf outside each row's nucleus)."""
         scores = scores.clone()
         groups: dict[tuple[float, float], list[int]] = {}
         for row, (t, p) in enumerate(zip(self.temperatures, self.top_ps, strict=True)):
             groups.setdefault((t, p), []).append(row)
         for (t, p), rows in groups.items():
             idx = torch.tensor(rows, device=scores.device)
-            warped = TemperatureLogitsWarper(t)(input_ids[idx], scores[idx]) if t > 0 else None
+            warped = TemperatureLogitsWarper(t)(None, scores[idx]) if t > 0 else None
             # Greedy: only the argmax survives, so sampling picks it with probability 1. Also for a t > 0 so small that
             # logits / t overflow (inf, or NaN below the dtype's tiniest value): softmax would be NaN, and the limit of
             # softmax(logits / t) as t -> 0 is the argmax anyway.
@@ -172,6 +149,6 @@ class PerRowSampling(LogitsProcessor):
                 scores[idx] = torch.full_like(scores[idx], -float("inf")).scatter(1, best, scores[idx].gather(1, best))
                 continue
             if p < 1.0:
-                warped = TopPLogitsWarper(p)(input_ids[idx], warped)
+                warped = TopPLogitsWarper(p)(None, warped)
             scores[idx] = warped
         return scores

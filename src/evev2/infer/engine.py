@@ -2,32 +2,36 @@
 
 A request is first *prepared* (images loaded within limits, prompt rendered with the model's chat template, token
 budget checked): everything that can be wrong with a request fails there, with an `InvalidRequestError`, before any
-compute is spent. Prepared prompts are then *run* together in one left-padded `generate` call, each row with its own
-sampling parameters, stop strings, length cap and cancellation flag (see `decoding.py`).
+compute is spent. Prepared prompts are then *submitted* to the engine's continuous batcher (`batcher.py`), which
+runs every prompt submitted by anyone (server requests, eval batches, chat turns) in one running batch: a prompt
+joins at the next decode step after its prefill and leaves as soon as it is done, each row with its own sampling
+parameters, stop strings, length cap and cancellation flag (see `decoding.py`).
 """
 
 from __future__ import annotations
 
 import math
 import queue
-import threading
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from evev2.data.errors import SampleError
 from evev2.data.image_processing import num_image_tokens
 from evev2.data.processor import EVEProcessor
 from evev2.data.templates import IMAGE_TOKEN_INDEX
-from evev2.infer.decoding import FinishReason, PerRowSampling, RowControl, RowDecoder, RowStoppingCriteria
+from evev2.infer.batcher import BatchStats, ContinuousBatcher, GenerationResult
+from evev2.infer.decoding import RowControl
 from evev2.infer.errors import ContextLengthError, InvalidRequestError
 from evev2.infer.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ImageLimits, load_image
+from evev2.infer.quantize import quantize_weights
 from evev2.model import EVEForCausalLM
 
 DEFAULT_MAX_IMAGES = 8
+DEFAULT_MAX_BATCH_SIZE = 32
 MAX_STOP_STRINGS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -47,14 +51,6 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int  # what the decoder saw: text tokens + image tokens
-    completion_tokens: int  # generated tokens, the EOS token included
-    finish_reason: FinishReason  # "stop" (EOS or stop string), "length", or "cancelled" (RowControl.cancel)
 
 
 @dataclass
@@ -79,7 +75,12 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
 
 
 class InferenceEngine:
-    """A loaded model + processor that answers `GenerationRequest`s, batched or streamed."""
+    """A loaded model + processor that answers `GenerationRequest`s, batched or streamed.
+
+    `max_batch_size` bounds the rows decoding at once; more prompts wait for a row to finish. `compile` (default: on
+    for CUDA, off for CPU) runs decode steps as compiled CUDA graphs over a static KV cache and compiles the prefill
+    (see `batcher.py`).
+    """
 
     def __init__(
         self,
@@ -88,16 +89,17 @@ class InferenceEngine:
         image_limits: ImageLimits = ImageLimits(),
         max_images: int = DEFAULT_MAX_IMAGES,
         eos_token_ids: set[int] | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        compile: bool | None = None,
     ) -> None:
         self.model = model.eval()
-        # Sampling is owned by the engine (per row); a checkpoint's own defaults (top_k, repetition penalty, ...)
-        # must not leak into `generate` and make temperature 0 anything but greedy.
-        self.model.generation_config = GenerationConfig()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_limits = image_limits
         self.max_images = max_images
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else self._default_eos_ids()
+        compile = self.model.device.type == "cuda" if compile is None else compile
+        self.batcher = ContinuousBatcher(self.model, self.tokenizer, self.eos_token_ids, max_batch_size, compile)
 
     @classmethod
     def from_pretrained(
@@ -110,15 +112,23 @@ class InferenceEngine:
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_images: int = DEFAULT_MAX_IMAGES,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        quantize: str | None = None,
+        compile: bool | None = None,
     ) -> InferenceEngine:
-        """Load a model folder (weights + `EVEProcessor.save_pretrained` files); `template` overrides its template."""
+        """Load a model folder (weights + `EVEProcessor.save_pretrained` files); `template` overrides its template.
+
+        `quantize="int8"` stores every decoder linear weight (text and vision copies) as int8 (`quantize.py`).
+        """
         device, dtype = resolve_device_dtype(device, dtype)
         processor = EVEProcessor.from_pretrained(path)
         if template is not None:
             processor = EVEProcessor(processor.tokenizer, processor.image_processor, template=template)
         model = EVEForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        if quantize is not None:
+            quantize_weights(model, quantize)
         limits = ImageLimits(max_pixels=max_pixels, max_bytes=max_image_bytes, allow_remote=allow_remote_images)
-        return cls(model, processor, limits, max_images)
+        return cls(model, processor, limits, max_images, max_batch_size=max_batch_size, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -161,72 +171,49 @@ class InferenceEngine:
                 f"context window of {self.context_window}", param="max_tokens")
         return PreparedPrompt(request, input_ids, images, prompt_tokens)
 
+    @property
+    def stats(self) -> BatchStats:
+        return self.batcher.stats
+
     # ----- running -----
+    def submit(self, prompts: list[PreparedPrompt], controls: list[RowControl] | None = None) -> list[Future]:
+        """Queue prepared prompts for the running batch; each future resolves to its `GenerationResult`.
+
+        `controls` stream each row's text deltas and cancel rows. A future cancelled before its prompt starts is
+        never run.
+        """
+        return self.batcher.submit(prompts, controls or [RowControl() for _ in prompts])
+
     def run(self, prompts: list[PreparedPrompt], controls: list[RowControl] | None = None) -> list[GenerationResult]:
-        """Generate for prepared prompts in one left-padded batch; `controls` stream deltas and cancel rows."""
-        if not prompts:
-            return []
-        controls = controls or [RowControl() for _ in prompts]
-        requests = [p.request for p in prompts]
-        pad_id = self.tokenizer.pad_token_id
-        length = max(p.input_ids.shape[0] for p in prompts)
-        input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)  # (B, T), left padded
-        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)  # (B, T)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, length - prompt.input_ids.shape[0]:] = prompt.input_ids
-            attention_mask[row, length - prompt.input_ids.shape[0]:] = 1
-        images = [image.to(self.device, self.model.dtype) for p in prompts for image in p.images]
-        decoders = [RowDecoder(self.tokenizer, self.eos_token_ids, r.max_new_tokens, r.stop, c)
-                    for r, c in zip(requests, controls, strict=True)]
-        sampled = any(r.temperature > 0 for r in requests)
-        config = GenerationConfig(
-            max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=sampled,
-            eos_token_id=sorted(self.eos_token_ids), pad_token_id=pad_id,
-            **({"top_k": 0} if sampled else {}))  # HF's default top_k=50 would cut every sampled row's tail
-        processors = [PerRowSampling([r.temperature for r in requests], [r.top_p for r in requests])] if sampled else []
-        self.model.generate(
-            input_ids.to(self.device), images=images, attention_mask=attention_mask.to(self.device),
-            generation_config=config, logits_processor=LogitsProcessorList(processors),
-            stopping_criteria=StoppingCriteriaList([RowStoppingCriteria(decoders)]))
+        """Generate for prepared prompts and wait; a prompt cancelled before it started gets a "cancelled" result."""
         results = []
-        for prompt, decoder in zip(prompts, decoders, strict=True):
-            decoder.flush()
-            results.append(GenerationResult(decoder.text, prompt.prompt_tokens, decoder.completion_tokens,
-                                            decoder.finish_reason))
+        for prompt, future in zip(prompts, self.submit(prompts, controls), strict=True):
+            try:
+                results.append(future.result())
+            except CancelledError:
+                results.append(GenerationResult("", prompt.prompt_tokens, 0, "cancelled"))
         return results
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Answer several requests in one batched generate call; each equals its request run alone (greedy).
+        """Answer several requests; each equals its request run alone (greedy), whatever else is running.
 
         Any invalid request refuses the whole batch (`InvalidRequestError`, a ValueError) before compute is spent.
         """
         return self.run([self.prepare(request) for request in requests])
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """Yield text deltas as they are decoded; closing the iterator early stops the generation."""
+        """Yield text deltas as they are decoded; closing the iterator early cancels the generation."""
         prompt = self.prepare(request)
         deltas: queue.Queue[str | None] = queue.Queue()
         control = RowControl(on_delta=deltas.put)
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self.run([prompt], [control])
-            except BaseException as err:  # noqa: BLE001 (re-raised in the consuming thread)
-                failure.append(err)
-            finally:
-                deltas.put(None)
-
-        worker = threading.Thread(target=work, name="evev2-stream", daemon=True)
-        worker.start()
+        future = self.submit([prompt], [control])[0]
+        future.add_done_callback(lambda _: deltas.put(None))
         try:
             while (delta := deltas.get()) is not None:
                 yield delta
         finally:
             control.cancel()
-            worker.join()
-        if failure:
-            raise failure[0]
+        future.result()  # raises the generation's error, if any
 
 
 def _check_parameters(request: GenerationRequest) -> None:

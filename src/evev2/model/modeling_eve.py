@@ -26,6 +26,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils import can_return_tuple
 
 from evev2.model.configuration_eve import EVEConfig
 from evev2.model.loss import linear_cross_entropy_sum
@@ -63,7 +64,8 @@ class EVEAttention(Qwen2Attention):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output in stream layout, attention weights (B, H, L, S) where the backend returns them (eager))."""
         B, L = router.shape
         q = router.to_sequence(router(self.q_proj, self.vision_q_proj, hidden_states))  # (B, L, H*Hd)
         k = router.to_sequence(router(self.k_proj, self.vision_k_proj, hidden_states))  # (B, L, Hkv*Hd)
@@ -76,10 +78,11 @@ class EVEAttention(Qwen2Attention):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                           scaling=self.scaling, **kwargs)  # (B, L, H, Hd)
+        out, weights = attention(self, q, k, v, attention_mask,
+                                 dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+                                 **kwargs)  # (B, L, H, Hd)
         out = router.to_stream(out.reshape(B, L, -1))  # (N, H*Hd)
-        return router(self.o_proj, self.vision_o_proj, out)
+        return router(self.o_proj, self.vision_o_proj, out), weights
 
 
 class EVEDecoderLayer(GradientCheckpointingLayer):
@@ -105,14 +108,16 @@ class EVEDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output in stream layout, the attention weights if the backend returns them)."""
         residual = hidden_states
         h = router(self.input_layernorm, self.vision_input_layernorm, hidden_states)
-        hidden_states = residual + self.self_attn(h, router, position_embeddings, attention_mask, cache, **kwargs)
+        attended, weights = self.self_attn(h, router, position_embeddings, attention_mask, cache, **kwargs)
+        hidden_states = residual + attended
         residual = hidden_states
         h = router(self.post_attention_layernorm, self.vision_post_attention_layernorm, hidden_states)
         vision_mlp = partial(self.vision_mlp_delta, self.mlp) if self.vision_mlp_delta is not None else self.vision_mlp
-        return residual + router(self.mlp, vision_mlp, h)
+        return residual + router(self.mlp, vision_mlp, h), weights
 
 
 class EVEPreTrainedModel(PreTrainedModel):
@@ -165,6 +170,29 @@ class EVEModel(EVEPreTrainedModel):
         return splice_images(input_ids, self.patch_embed(images), text_embeds, self.config.image_token_index,
                              attention_mask, labels, padding_side)
 
+    def image_inputs(
+        self,
+        images: list[torch.Tensor] | None,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+    ) -> list[torch.Tensor] | None:
+        """The images as the patch embedding takes them: `images` ([3, H, W] each) as given, or transformers-style
+        `pixel_values` (P, 3 * u * u) + `image_sizes` (N, 2) unpacked, the inverse of `evev2.data.processor.pack_images`
+        (u = `config.image_pixels_per_token`)."""
+        if pixel_values is None:
+            return images
+        if images or image_sizes is None:
+            raise ValueError("pass either images or pixel_values with image_sizes")
+        u = self.config.image_pixels_per_token
+        sizes = image_sizes.tolist()
+        counts = [(h // u) * (w // u) for h, w in sizes]
+        if sum(counts) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} patches but image_sizes {sizes} make "
+                             f"{sum(counts)} of {u}x{u} pixels")
+        return [patches.view(h // u, w // u, 3, u, u).permute(2, 0, 3, 1, 4).reshape(3, h, w)
+                for (h, w), patches in zip(sizes, pixel_values.split(counts))]
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -175,16 +203,30 @@ class EVEModel(EVEPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run the decoder.
 
-        Either `input_ids` (+ `images`, spliced here) or `inputs_embeds` (already spliced, with `mm_token_type_ids`
-        saying which rows are image tokens; missing means all text). `attention_mask` is (B, L) with 0 on padding and
-        the packed-sample id elsewhere (1 everywhere for unpacked rows), or a cache-length 0/1 mask while decoding.
+        Either `input_ids` (+ `images`, or `pixel_values` + `image_sizes`, spliced here) or `inputs_embeds` (already
+        spliced, with `mm_token_type_ids` saying which rows are image tokens; missing means all text). `attention_mask`
+        is (B, L) with 0 on padding and the packed-sample id elsewhere (1 everywhere for unpacked rows), or a
+        cache-length 0/1 mask while decoding. `output_hidden_states`: the embeddings and every layer's output, in
+        sequence order (the last one after the final norm), as for any HF decoder; `output_attentions` needs eager
+        attention, the only backend that returns the weights.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(f"output_attentions needs eager attention, but this model runs "
+                             f"{self.config._attn_implementation!r}, which returns no attention weights: load it with "
+                             f"attn_implementation='eager' or call model.set_attn_implementation('eager')")
+        images = self.image_inputs(images, pixel_values, image_sizes)
         if input_ids is not None:
             if images:
                 s = self.embed_inputs(input_ids, images, attention_mask)
@@ -204,7 +246,8 @@ class EVEModel(EVEPreTrainedModel):
                 position_ids = positions_from_segments(attention_mask)
             else:
                 position_ids = (torch.arange(L, device=inputs_embeds.device) + past).expand(B, L)
-        if mm_token_type_ids is None:
+        text_only = mm_token_type_ids is None  # e.g. a decode step: the router skips its image-token count
+        if text_only:
             mm_token_type_ids = torch.zeros(B, L, dtype=torch.long, device=inputs_embeds.device)
 
         if packed:  # block-diagonal causal: attention never crosses packed samples
@@ -215,13 +258,19 @@ class EVEModel(EVEPreTrainedModel):
             mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
         router = ModalityRouter(mm_token_type_ids.bool(), self.config.routing,
-                                keep_both=self.training and torch.is_grad_enabled())
+                                keep_both=self.training and torch.is_grad_enabled(), text_only=text_only)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden = router.to_stream(inputs_embeds)  # (N, D), stays in stream layout through all layers
+        states, attentions = [], []
         for layer in self.layers:
-            hidden = layer(hidden, router, position_embeddings, mask, cache, **kwargs)
-        hidden = self.norm(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=router.to_sequence(hidden), cache=cache if use_cache else None)
+            if output_hidden_states:
+                states.append(router.to_sequence(hidden))  # what each layer reads; the first is the embeddings
+            hidden, weights = layer(hidden, router, position_embeddings, mask, cache, **kwargs)
+            attentions.append(weights)
+        last = router.to_sequence(self.norm(hidden))
+        return BaseModelOutputWithPast(last_hidden_state=last, cache=cache if use_cache else None,
+                                       hidden_states=(*states, last) if output_hidden_states else None,
+                                       attentions=tuple(attentions) if output_attentions else None)
 
 
 class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
@@ -245,6 +294,7 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -258,15 +308,20 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal LM forward.
 
+        Images come as `images` ([3, H, W] each) or as the processor's `pixel_values` + `image_sizes`.
         Without `labels`: logits for every spliced position (or the last `logits_to_keep`).
         With `labels` (aligned to `input_ids`, IGNORE_INDEX = -100 ignored; image tokens are ignored automatically): the
         shifted cross-entropy averaged over supervised positions (or summed and divided by `num_items_in_batch`, for
         gradient accumulation). `lm_head` then runs only on supervised positions and `logits` is None.
+        `output_hidden_states` / `output_attentions` / `return_dict` behave as in `EVEModel.forward` and any HF model.
         """
+        images = self.model.image_inputs(images, pixel_values, image_sizes)
         if images and input_ids is not None:
             s = self.model.embed_inputs(input_ids, images, attention_mask, labels)
             input_ids, inputs_embeds = None, s.inputs_embeds
@@ -274,13 +329,14 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
             position_ids = s.position_ids if position_ids is None else position_ids
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, mm_token_type_ids=mm_token_type_ids, use_cache=use_cache,
-                         **kwargs)
+                         return_dict=True, **kwargs)
         hidden = out.last_hidden_state  # (B, L, D)
+        extra = dict(cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions)
         if labels is None:
             logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-            return CausalLMOutputWithPast(logits=logits, cache=out.cache)
+            return CausalLMOutputWithPast(logits=logits, **extra)
         loss = self.supervised_loss(hidden, labels, attention_mask, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=None, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
 
     def supervised_loss(
         self,
@@ -305,12 +361,16 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         images: list[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
-        """HF `generate`, with images spliced up front (left padding) and generated tokens routed as text.
+        """HF `generate`, with images (or the processor's `pixel_values` + `image_sizes`) spliced up front (left
+        padding) and generated tokens routed as text.
 
         Returns the prompt ids followed by the new tokens, as for any decoder-only HF model.
         """
+        images = self.model.image_inputs(images, pixel_values, image_sizes)
         if not images:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         s = self.model.embed_inputs(input_ids, images, attention_mask, padding_side="left")

@@ -19,12 +19,15 @@ Module = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ModalityRouter:
-    def __init__(self, vision_mask: torch.Tensor, mode: str = "index", keep_both: bool = False):
+    def __init__(self, vision_mask: torch.Tensor, mode: str = "index", keep_both: bool = False,
+                 text_only: bool = False):
         """vision_mask: bool [B, L], True for image tokens (class, patch and split tokens).
 
         keep_both: in a single-modality batch, still call the other copy on zero rows, so that every trainable weight
         is in the autograd graph (with zero gradient). Data-parallel training needs this: all ranks must reduce the
         same gradients even when one rank's micro-batch has no image.
+        text_only: the caller knows there is no image token (generated tokens), so the image tokens are not counted:
+        no host sync, and a compiled decode step stays one graph (a CUDA graph on GPU).
         """
         self.shape = tuple(vision_mask.shape)  # (B, L)
         self.keep_both = keep_both
@@ -33,7 +36,7 @@ class ModalityRouter:
             self.mode = "blend"
             self.weight = flat.unsqueeze(-1)  # (N, 1), cast to the activation dtype at use
             return
-        num_vision = int(flat.sum())  # the single host sync of the forward
+        num_vision = 0 if text_only else int(flat.sum())  # the single host sync of the forward
         if num_vision == 0 or num_vision == flat.numel():
             self.mode = "text" if num_vision == 0 else "vision"
             return

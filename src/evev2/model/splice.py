@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from evev2.constants import IGNORE_INDEX
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from evev2 import jsonio
 from evev2.data.image_processing import ImageLoadError, open_image
 from evev2.data.samples import DataStats
 from evev2.data.templates import IMAGE_MARKER
@@ -291,9 +291,7 @@ def collect_stats(output: Path, shards: Sequence[InputShard], settings: RecapSet
 
 def write_stats(output: Path, stats: dict[str, Any]) -> Path:
     path = output / "stats.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    jsonio.write_json(path, stats)
     return path
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from evev2.data.synth_language import CAPTION_PROMPT
+from evev2.synth.language import CAPTION_PROMPT
 
 PROMPT_SETS: Mapping[str, str] = MappingProxyType({
     "dense": ("Describe this image in detail. Mention every visible object with its color, shape, size and position, "

@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
+from evev2 import jsonio
 from evev2.data.datasets import IMAGE_EXTENSIONS
 from evev2.data.image_processing import ImageLoadError, open_image
 from evev2.data.templates import IMAGE_MARKER
@@ -74,16 +75,9 @@ def _expand(pattern: str) -> list[Path]:
 
 def read_llava_records(path: Path) -> list[Any]:
     """A LLaVA JSON list, or JSONL with one record per line (a line that is not JSON becomes a None record)."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records: list[Any] = []
-        for line in filter(str.strip, text.splitlines()):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                records.append(None)
-        return records
-    records = json.loads(text)  # an unreadable list file is fatal, not a skip
+        return [None if isinstance(record, ValueError) else record for _, record in jsonio.json_lines(path)]
+    records = jsonio.read_json(path)  # an unreadable list file is fatal, not a skip
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA records")
     return records
@@ -130,9 +124,9 @@ def _tar_item(sample: dict[str, Any]) -> InputItem:
     members = {k: v for k, v in sample.items() if not k.startswith("__")}
     item = InputItem(key, members, image_ext=next((e for e in IMAGE_EXTENSIONS if e in members), None))
     try:
-        record = json.loads(members["json"]) if "json" in members else {}
+        record = jsonio.loads(members["json"]) if "json" in members else {}
         txt = members["txt"].decode("utf-8") if "txt" in members else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # not UTF-8, or not JSON
         item.problem = ("malformed_record", f"{key}: {err}")
         return item
     if not isinstance(record, dict):
@@ -215,7 +209,7 @@ def is_finished(output: Path, shard: InputShard) -> bool:
 
 
 def read_decisions(output: Path, shard_name: str) -> dict[str, Any]:
-    return json.loads(decisions_path(output, shard_name).read_text(encoding="utf-8"))
+    return jsonio.read_json(decisions_path(output, shard_name))
 
 
 class AtomicShardWriter:

@@ -1,4 +1,4 @@
-"""OpenAI-compatible serving: FastAPI app factory, dynamic batching worker, and a self-contained web page."""
+"""OpenAI-compatible serving: FastAPI app factory, the queue in front of the engine's batcher, and a web page."""
 
 from evev2.serve.app import ServeSettings, create_app
 

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from evev2.infer.engine import GenerationResult, InferenceEngine
 from evev2.infer.errors import InvalidRequestError
-from evev2.serve.batching import BatchingWorker, QueueFullError, Ticket
+from evev2.serve.batching import QueueFullError, ServingQueue, Ticket
 from evev2.serve.schemas import ChatCompletionRequest, to_generation_request
 from evev2.serve.security import ApiKeyMiddleware, BodySizeLimitMiddleware, error_response
 
@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 class ServeSettings:
     model_name: str
     api_key: str | None = None
-    max_batch_size: int = 16
-    batch_window_ms: float = 5.0
     max_waiting: int = 64
     default_max_tokens: int = 256
     max_body_bytes: int = 64 * 2**20
@@ -61,19 +59,19 @@ class _CancellingStream(StreamingResponse):
 
 
 def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
-    worker = BatchingWorker(engine, settings.max_batch_size, settings.batch_window_ms / 1000, settings.max_waiting)
+    requests = ServingQueue(engine, settings.max_waiting)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        worker.start()
+        requests.start()
         try:
             yield
         finally:
-            await run_in_threadpool(worker.stop)
+            requests.stop()
 
     app = FastAPI(title="evev2", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
-    app.state.worker = worker
+    app.state.requests = requests
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
@@ -88,7 +86,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, **asdict(worker.stats)}
+        return {"status": "ok", "model": settings.model_name, **asdict(engine.stats)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -104,7 +102,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
         prompt = await run_in_threadpool(engine.prepare, to_generation_request(body, settings.default_max_tokens))
         reply = _Reply(settings.model_name)
         if not body.stream:
-            ticket = worker.submit(prompt)
+            ticket = requests.submit(prompt)
             try:
                 result = await asyncio.wrap_future(ticket.future)
             except asyncio.CancelledError:
@@ -113,7 +111,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
             return reply.completion(result)
         events: asyncio.Queue[str | None] = asyncio.Queue()
         post = _poster(asyncio.get_running_loop(), events)
-        ticket = worker.submit(prompt, on_delta=post)
+        ticket = requests.submit(prompt, on_delta=post)
         ticket.future.add_done_callback(lambda _: post(None))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _CancellingStream(_sse(reply, ticket, events, include_usage), on_close=ticket.cancel)
@@ -122,7 +120,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
 
 
 def _poster(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[str | None], None]:
-    """Hand an item from the worker thread to the event loop; a loop that is gone (server stopping) drops it."""
+    """Hand an item from the batcher thread to the event loop; a loop that is gone (server stopping) drops it."""
 
     def post(item: str | None) -> None:
         try:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from evev2.infer.engine import InferenceEngine
+from evev2.infer.engine import DEFAULT_MAX_BATCH_SIZE, InferenceEngine
 from evev2.infer.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from evev2.serve.app import ServeSettings, create_app
 
@@ -23,8 +23,8 @@ def serve_cli(
     template: Literal["eve", "chatml", "plain"] | None = None,
     device: str | None = None,
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None,
-    max_batch_size: int = 16,
-    batch_window_ms: float = 5.0,
+    quantize: Literal["int8"] | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_waiting: int = 64,
     default_max_tokens: int = 256,
     max_images: int = 8,
@@ -43,9 +43,9 @@ def serve_cli(
         template: chat template override (eve, chatml, plain); default the folder's.
         device: e.g. cpu, cuda, cuda:1; default cuda when available.
         dtype: float32, bfloat16, float16 or float64; default bfloat16 on GPU, float32 on CPU.
-        max_batch_size: most requests that share one batched generate call.
-        batch_window_ms: how long the batcher waits for more requests after the first one.
-        max_waiting: requests queued beyond this get 503.
+        quantize: int8 stores the decoder's linear weights as int8 (torchao, the `quantize` extra).
+        max_batch_size: most requests decoding at once (continuous batching: others join as rows finish).
+        max_waiting: requests waiting for a row beyond this get 503.
         default_max_tokens: max_tokens when a request gives none.
         max_images: most images per request.
         max_image_pixels: most pixels per image (checked before decoding).
@@ -56,10 +56,10 @@ def serve_cli(
 
     engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype, template=template,
                                              allow_remote_images=allow_remote_images, max_pixels=max_image_pixels,
-                                             max_image_bytes=max_image_bytes, max_images=max_images)
+                                             max_image_bytes=max_image_bytes, max_images=max_images,
+                                             max_batch_size=max_batch_size, quantize=quantize)
     settings = ServeSettings(
         model_name=model_name or Path(model).resolve().name, api_key=api_key or os.environ.get(API_KEY_ENV) or None,
-        max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_waiting=max_waiting,
-        default_max_tokens=default_max_tokens,
+        max_waiting=max_waiting, default_max_tokens=default_max_tokens,
         max_body_bytes=max_images * max_image_bytes * 4 // 3 + 2**20)  # base64 images + the text
     uvicorn.run(create_app(engine, settings), host=host, port=port)

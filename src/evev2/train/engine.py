@@ -31,7 +31,8 @@ from evev2.data.datasets import LlavaJsonSource, Mixture, SampleSource, WebDatas
 from evev2.data.loader import PreparedStep, StepStream, default_num_workers, step_loader
 from evev2.data.processor import EVEProcessor
 from evev2.data.samples import DataStats, SampleBuilder
-from evev2.data.templates import IGNORE_INDEX
+from evev2 import jsonio
+from evev2.constants import IGNORE_INDEX
 from evev2.model.convert import ShardWriter, AtomicFolder
 from evev2.distributed import distributed_session, init_distributed
 from evev2.train.checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -168,10 +169,10 @@ class Trainer:
         self.data_state = data["mixture"]
         self.stats.load_state_dict(data["stats"])
         set_rng_state(extra["rng"])
-        if self.rank == 0 and self.metrics_path.exists():  # drop steps logged after the checkpoint by the killed run
-            lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        if self.rank == 0 and self.metrics_path.exists():
+            # drop the steps the killed run logged after the checkpoint, and a line it was killed while writing
+            rows = [row for _, row in jsonio.json_lines(self.metrics_path) if isinstance(row, dict)]
+            jsonio.write_jsonl(self.metrics_path, [row for row in rows if row["step"] <= self.step])
         log.info("resumed from %s at step %d", path, self.step)
 
     def _save(self) -> Path:
@@ -321,11 +322,6 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (one JSON object per logged step)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def plot_loss_curves(runs: dict[str, Path], out: Path) -> None:
     """One PNG with the loss curve of each run (metrics.jsonl files), labelled by name."""
     import matplotlib
@@ -335,7 +331,7 @@ def plot_loss_curves(runs: dict[str, Path], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, path in runs.items():
-        rows = read_metrics(path)
+        rows = jsonio.read_jsonl(path)
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (supervised tokens)")

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from evev2.errors import UserError
 
+from evev2.data.image_processing import ResizePolicy
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -58,7 +60,7 @@ class DataSpec:
     sources: list[SourceSpec]
     template: Literal["plain", "eve", "chatml"] = "plain"
     max_size: int = 800  # image resize bound (pixels), see resize_policy
-    resize_policy: str = "max_area"
+    resize_policy: ResizePolicy = "max_area"
     token_budget: int = 2048  # max spliced tokens per packed row (the stage's max length)
     max_bad_fraction: float = 0.05  # skipped / seen above this stops the run ...
     guard_min_samples: int = 200  # ... once this many records have been seen

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import logging
 import os
 import platform
@@ -22,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from evev2 import jsonio
 from evev2.train.recipe import Recipe, RecipeError, load_recipe
 
 RESOLVED_RECIPE = "recipe.resolved.toml"
@@ -48,20 +48,6 @@ class RecipeChangedError(RecipeError):
     """`--resume` with a recipe that would train differently from the one the run was started with."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file next to `path`, then rename it over: a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -79,7 +65,7 @@ def write_run_record(output: Path, recipe: Recipe, *, world_size: int, device: s
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     table = dataclasses.asdict(recipe)
-    _write_atomic(output / RESOLVED_RECIPE, _HEADER + tomli_w.dumps(table))
+    jsonio.write_text_atomic(output / RESOLVED_RECIPE, _HEADER + tomli_w.dumps(table))
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": list(sys.argv if argv is None else argv),
@@ -92,8 +78,8 @@ def write_run_record(output: Path, recipe: Recipe, *, world_size: int, device: s
         "recipe": table,
     }
     log = output / RUN_LOG
-    launches = json.loads(log.read_text(encoding="utf-8"))["launches"] if log.exists() else []
-    _write_atomic(log, json.dumps({"launches": [*launches, entry]}, indent=1) + "\n")
+    launches = jsonio.read_json(log)["launches"] if log.exists() else []
+    jsonio.write_json(log, {"launches": [*launches, entry]})
     return entry
 
 

@@ -6,7 +6,7 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
-from evev2.data.synth_world import Box, Layout, SceneObject
+from evev2.synth.layout import Box, Layout, SceneObject
 
 _STAR_INNER_RATIO = 0.45  # inner/outer radius: fat enough that a 32-px star is still a star
 _CROSS_ARM_RATIO = 1 / 3  # arm thickness / box side

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from evev2.data.synth_world import NUMBER_WORDS, Layout, SceneObject
+from evev2.synth.layout import NUMBER_WORDS, Layout, SceneObject
 
 QA_TYPES = ("color", "shape", "count", "relation", "text")
 RELATIONS = ("left of", "right of", "above", "below")

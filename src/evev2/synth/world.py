@@ -19,9 +19,9 @@ from typing import Any, Literal
 import webdataset as wds
 from PIL import Image
 
-from evev2.data.synth_language import CAPTION_PROMPT, QA, make_caption, make_qa
-from evev2.data.synth_render import render_layout
-from evev2.data.synth_world import (
+from evev2.synth.language import CAPTION_PROMPT, QA, make_caption, make_qa
+from evev2.synth.render import render_layout
+from evev2.synth.layout import (
     COLORS,
     FULL_WORLD_LEVEL,
     SHAPES,
