@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # a benchmark subprocess) spinning threads make each other ~10x slower.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): requirements-lock.txt pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The inner loop: everything but the tests marked slow (see pyproject.toml).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(BIN)/evev2 demo

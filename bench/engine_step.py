@@ -1,4 +1,4 @@
-"""The real training engine on real JPEGs: `evev2 train`'s `Trainer` against the synthetic step (issue 9).
+"""The real training engine on real JPEGs: `evev2 train`'s `Trainer` against the synthetic step.
 
 `gpu_train_step.py` times forward + backward on random tensors. This script times what users run, the `Trainer` of
 `evev2 train`: the model loaded from a folder as fp32 master weights under bf16 autocast, DataLoader workers that read
@@ -65,7 +65,7 @@ from evev2.data.image_processing import EVEImageProcessor, num_image_tokens  # n
 from evev2.data.processor import EVEProcessor  # noqa: E402
 from evev2.demo.tokenizer import train_world_tokenizer  # noqa: E402
 from evev2.model import EVEConfig, EVEForCausalLM  # noqa: E402
-from evev2.model.convert import AtomicFolder  # noqa: E402
+from evev2.model.weights import AtomicFolder  # noqa: E402
 from evev2 import jsonio  # noqa: E402
 from evev2.train.engine import Trainer  # noqa: E402
 from evev2.train.recipe import load_recipe  # noqa: E402

@@ -1,4 +1,4 @@
-"""Inference on a GPU (issues 9 and 14): prefill of one 1600x1600-image prompt (~2.6k tokens) and decode tokens/s at
+"""Inference on a GPU: prefill of one 1600x1600-image prompt (~2.6k tokens) and decode tokens/s at
 batch 1 and 16, through `InferenceEngine` as `evev2 serve` runs it (continuous batching; on CUDA by default a static
 KV cache, decode steps as compiled CUDA graphs and a compiled prefill), against HF `Qwen2ForCausalLM` of the same dims
 fed the same spliced embeddings (eager `generate`, dynamic cache).
@@ -8,7 +8,7 @@ fed the same spliced embeddings (eager `generate`, dynamic cache).
   `prefill_ms_ours_from_pixels`: the engine's whole prefill (patch embedding and splicing included).
 - decode rate: the extra tokens over the extra time of a long generation vs a one-token one (prefill cancels out).
 
-Goals (issue 14, 1.5B dims): decode >= 150 tokens/s at batch 1 and >= 1500 at batch 16, prefill <= 1.05x dense.
+Goals (1.5B dims): decode >= 150 tokens/s at batch 1 and >= 1500 at batch 16, prefill <= 1.05x dense.
 `--smoke` runs tiny dims on the CPU, compiled as on a GPU (it checks the path's code, not its speed); `--no-compile`
 measures the engine's eager path.
 """

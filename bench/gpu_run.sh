@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's measurements (issues 9 and 14), run from the repository root on the device machine, most important
+# One GPU session's measurements, run from the repository root on the device machine, most important
 # first; every result is appended to $OUT/*.jsonl as it is measured, so a timeout loses only what had not run.
 # STEPS picks some of them, in this order: engine train generate extras (default: all). Issue 14's decode and prefill
 # goals need only `STEPS=generate bash bench/gpu_run.sh`.
@@ -13,7 +13,7 @@
 #      model load (bf16 files -> fp32) + copy to the GPU 15-25 s, first step (layer compilation) ~20 s (FlexAttention:
 #      up to ~80 s), 18 steps ~4 s; the synthetic official/compiled/eager steps ~40 s (anchor) and ~30 s (seq4096).
 #   2. gpu_train_step.py, 3 runs x (ours, official, dense) + loss memory: ~2 min.
-#   3. gpu_generate.py, the engine compiled (issue 14; not yet measured): compiling the prefill and three decode graphs
+#   3. gpu_generate.py, the engine compiled (not yet measured): compiling the prefill and three decode graphs
 #      at 1.5B dims ~2-4 min (the CPU smoke run compiles in ~1 min at tiny dims), dense eager generate ~1 min.
 #   4. gpu_train_step.py extras (compiled, packed FlexAttention): ~2 min.
 # SMOKE=1 bash bench/gpu_run.sh runs the same sequence with tiny dims on the CPU (checks the script, not the GPU).

@@ -6,7 +6,7 @@ Closed-loop clients: at concurrency c, c clients each send their next request as
 Reports requests/s, generated tokens/s, p50 and p99 latency and their ratio, and the mean batch (rows per decode step
 for continuous batching, rows per `generate` call for request-level batching).
 
-Head of line (issue 14): a 4-token request sent 0.5 s after a 256-token request, against the 256-token request's solo
+Head of line: a 4-token request sent 0.5 s after a 256-token request, against the 256-token request's solo
 time; it must finish within 15% of it.
 
 Request-level batching is the code of `--baseline-ref` (default: the last commit before continuous batching),
@@ -46,7 +46,7 @@ MAX_TOKENS = 16
 REQUESTS = {1: 8, 8: 32, 32: 96}  # requests sent at each concurrency
 SEQUENTIAL_REQUESTS = 16
 MAX_BATCH = 32
-BASELINE_REF = "a3d6f4a"  # request-level batching (issue 6); the commit before continuous batching
+BASELINE_REF = "a3d6f4a"  # request-level batching; the commit before continuous batching
 LONG, SHORT, DELAY_S = 256, 4, 0.5  # the head-of-line case
 
 

@@ -20,6 +20,8 @@ from evev2.cli import main as cli
 from evev2.model import EVEForCausalLM
 from evev2.train.groups import freeze_except, parameter_groups
 
+pytestmark = pytest.mark.slow  # the quick ablation
+
 
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory) -> tuple[Path, dict, dict]:

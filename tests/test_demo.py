@@ -21,6 +21,8 @@ from evev2.demo.tokenizer import train_world_tokenizer
 from evev2.infer.engine import GenerationRequest, GenerationResult
 from evev2.train.recipe import load_recipe
 
+pytestmark = pytest.mark.slow  # the quick demo: minutes
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 
 

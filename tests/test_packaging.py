@@ -63,6 +63,7 @@ def test_wheel_holds_every_module_and_recipe(built):
     assert shipped == expected
 
 
+@pytest.mark.slow  # builds a wheel, runs a demo
 def test_demo_runs_from_the_wheel_outside_the_repository(built, tmp_path):
     _, _, site = built
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -173,6 +173,7 @@ def test_sampled_rows_follow_the_seed_and_leave_greedy_rows_exact(engine, stagge
     assert [first[0], first[2]] == [engine.generate([r])[0] for r in (staggered[1], staggered[2])]
 
 
+@pytest.mark.slow  # inductor compilation
 def test_compiled_decode_is_one_graph_and_equals_eager(varied):
     """The GPU path (static cache, compiled steps; default on CUDA), run on the CPU: a decode step traces as one graph
     with no break (a CUDA graph on GPU), and the answers equal the eager path's, a row leaving first included."""
@@ -192,7 +193,7 @@ def test_compiled_decode_is_one_graph_and_equals_eager(varied):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-# ----- head of line: issue 14's acceptance test -----
+# ----- head of line: a short request does not wait behind a long one -----
 @pytest.fixture(scope="module")
 def small_engine(qwen_tokenizer_dir) -> InferenceEngine:
     """A random 4-layer, 256-wide EVEv2 with the real Qwen vocabulary; no EOS, so every row runs to its cap."""

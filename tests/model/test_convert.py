@@ -14,7 +14,8 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from evev2.cli import main as cli
 from evev2.model import EVEForCausalLM
-from evev2.model.convert import convert_llm, convert_official, iter_safetensors
+from evev2.model.convert import convert_llm, convert_official
+from evev2.model.weights import iter_safetensors
 from tests.conftest import TINY
 
 H, I, V, LAYERS, HEADS, KV, W = 32, 64, 128, 2, 4, 2, 16  # hidden, intermediate, vocab, layers, heads, kv heads, patch width
@@ -22,7 +23,7 @@ HD = H // HEADS
 
 
 def official_fixture(folder, seed=0):
-    """An official-format EVEv2 checkpoint (key names of eve_official.md §1.1/§1.3), two shards + index."""
+    """An official-format EVEv2 checkpoint (the official key names), two shards + index."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=0.2: torch.randn(*shape, generator=g, dtype=torch.float64) * s  # noqa: E731
     t = {"model.embed_tokens.weight": r(V, H, s=1.0), "model.norm.weight": 1 + r(H), "lm_head.weight": r(V, H),

@@ -1,4 +1,4 @@
-"""Fuzzing the HTTP API (issue 16): whatever a client sends, the answer is a 2xx or a 4xx with a JSON reason.
+"""Fuzzing the HTTP API: whatever a client sends, the answer is a 2xx or a 4xx with a JSON reason.
 
 Hypothesis POSTs generated bodies to the real app in-process (TestClient runs the lifespan; the engine's real
 continuous batcher generates with the tiny random model): arbitrary JSON, chat requests that are valid except for one

@@ -104,6 +104,7 @@ def test_stage2_1_from_stage1_export_changes_patch_embedding_and_vision_copies(s
                for k in changed(after, weights(tmp_path / "run22" / "export")))
 
 
+@pytest.mark.slow  # a training subprocess
 def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dir, tiny_world_dir, tmp_path):
     """Killed and resumed with 2 data workers, the run equals an uninterrupted one without workers."""
     recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=5,
@@ -139,6 +140,7 @@ class _SlowDataTrainer(Trainer):
         return _SlowDecoder(self.processor, self.recipe.data.token_budget)
 
 
+@pytest.mark.slow  # two timed runs
 def test_data_workers_hide_a_slow_decoder_and_change_no_loss(tiny_vlm_dir, tiny_world_dir, tmp_path):
     """8 images per step at 0.1 s each: 2 workers prepare steps while the model trains, on the same data."""
     recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=7)
@@ -178,6 +180,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_vlm_dir, tiny_world_dir, tmp_path)
     assert len(launches) == 2 and launches[-1]["versions"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow  # torchrun
 def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision", "text"]',
                           steps=3)
@@ -191,6 +194,7 @@ def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_pat
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun + inductor
 def test_fsdp2_with_compiled_checkpointed_layers_equals_eager_one_process(tiny_vlm_dir, tiny_world_dir, tmp_path):
     """The GPU default (compiled layers) with activation checkpointing under FSDP2, here on 2 gloo ranks."""
     recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=2)
@@ -250,6 +254,7 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_vlm_dir, tiny_world
     torch.testing.assert_close(losses(tmp_path / "ac"), losses(tmp_path / "plain"), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # inductor compilation
 def test_compiled_layers_give_the_same_losses(tiny_vlm_dir, tiny_world_dir, tmp_path):
     """`train.compile` (every decoder layer under torch.compile, inductor) trains like eager, batch shapes varying."""
     recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=2)

@@ -16,6 +16,8 @@ from evev2.train.groups import parameter_groups
 from evev2.train.parallel import build_training_model
 from tests.conftest import perturb_vision_weights, tiny_eve_config
 
+pytestmark = pytest.mark.slow  # torchrun, 2 processes
+
 WORKER = Path(__file__).with_name("sharded_load_worker.py")
 
 

@@ -6,7 +6,6 @@ image replaced by a flat image of that image's mean colour and size, so it reads
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,9 @@ from PIL import Image, ImageStat
 
 from evev2 import jsonio
 from evev2.eval.run import run_benchmark
-from evev2.infer.engine import GenerationRequest, GenerationResult, InferenceEngine
+from evev2.infer.engine import Generate, GenerationRequest, GenerationResult, InferenceEngine
 from evev2.infer.images import load_image
 
-Generate = Callable[[list[GenerationRequest]], list[GenerationResult]]
 CAPTION_MAX_NEW_TOKENS = 96
 ANSWER_MAX_NEW_TOKENS = 8
 

@@ -22,7 +22,7 @@ from evev2.eval.predictions import PredictionWriter, read_predictions
 from evev2.eval.records import MAX_BAD_FRACTION, check_bad_fraction
 from evev2.eval.report import metrics_document
 from evev2.eval.tasks import EvalItem, get_task, load_items
-from evev2.infer.engine import GenerationRequest, GenerationResult, InferenceEngine
+from evev2.infer.engine import Generate, GenerationRequest, GenerationResult, InferenceEngine
 from evev2.infer.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
 
-Generate = Callable[[list[GenerationRequest]], list[GenerationResult]]
 
 
 @dataclass(frozen=True)

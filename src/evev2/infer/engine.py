@@ -15,14 +15,14 @@ import queue
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from evev2.constants import IMAGE_TOKEN_INDEX
 from evev2.data.errors import SampleError
 from evev2.data.image_processing import num_image_tokens
 from evev2.data.processor import EVEProcessor
-from evev2.data.templates import IMAGE_TOKEN_INDEX
 from evev2.infer.batcher import BatchStats, ContinuousBatcher, GenerationResult
 from evev2.infer.decoding import RowControl
 from evev2.infer.errors import ContextLengthError, InvalidRequestError
@@ -51,6 +51,11 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+
+
+#: What evaluation, re-captioning and the demo need of a model: requests in, results out, in order (an
+#: `InferenceEngine.generate`, or a scripted stand-in in tests).
+Generate = Callable[[list[GenerationRequest]], list[GenerationResult]]
 
 
 @dataclass

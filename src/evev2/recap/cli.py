@@ -10,8 +10,8 @@ from typing import Any
 import torch.distributed as dist
 
 from evev2.distributed import distributed_session
-from evev2.infer.engine import InferenceEngine
-from evev2.recap.engine import Generate, Recaptioner, RecapSettings, collect_stats, format_stats, write_stats
+from evev2.infer.engine import Generate, InferenceEngine
+from evev2.recap.engine import Recaptioner, RecapSettings, collect_stats, format_stats, write_stats
 from evev2.recap.filters import FilterConfig
 from evev2.recap.shards import list_input_shards
 

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -33,7 +33,7 @@ from evev2 import jsonio
 from evev2.data.image_processing import ImageLoadError, open_image
 from evev2.data.samples import DataStats
 from evev2.data.templates import IMAGE_MARKER
-from evev2.infer.engine import GenerationRequest, GenerationResult
+from evev2.infer.engine import Generate, GenerationRequest, GenerationResult
 from evev2.infer.errors import InvalidRequestError
 from evev2.recap.filters import (
     DUPLICATE_CAPTION,
@@ -56,7 +56,6 @@ from evev2.recap.shards import (
 
 logger = logging.getLogger(__name__)
 
-Generate = Callable[[list[GenerationRequest]], list[GenerationResult]]
 GENERATION_REFUSED = "generation_refused"  # the engine refused the request (e.g. prompt + answer over the context)
 
 

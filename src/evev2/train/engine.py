@@ -33,7 +33,7 @@ from evev2.data.processor import EVEProcessor
 from evev2.data.samples import DataStats, SampleBuilder
 from evev2 import jsonio
 from evev2.constants import IGNORE_INDEX
-from evev2.model.convert import ShardWriter, AtomicFolder
+from evev2.model.weights import AtomicFolder
 from evev2.distributed import distributed_session, init_distributed
 from evev2.train.checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from evev2.train.parallel import build_training_model
@@ -299,15 +299,10 @@ class Trainer:
         """An HF `save_pretrained` folder (safetensors + config + processor) that the next stage loads."""
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            model = self.model
-            if model.config.tie_word_embeddings:
+            if self.model.config.tie_word_embeddings:  # gathered copies no longer share storage for HF to notice
                 state.pop("lm_head.weight", None)
             with AtomicFolder(folder, overwrite=True) as tmp:
-                writer = ShardWriter(tmp)
-                for key, tensor in state.items():
-                    writer.add(key, tensor)
-                writer.close()
-                model.config.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=state)
                 self.processor.save_pretrained(tmp)
         if dist.is_initialized():
             dist.barrier()

@@ -9,19 +9,18 @@ frozen by group, sharded, materialised shard by shard, and rank 0 alone reads th
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from evev2.model import EVEConfig, EVEForCausalLM
+from evev2.model.weights import iter_safetensors
 from evev2.train.groups import freeze_except
 
 log = logging.getLogger(__name__)
@@ -91,9 +90,7 @@ def build_training_model(source: str | Path, device: torch.device, attn_implemen
 def _read_checkpoint(folder: Path, tied: dict[str, str]) -> dict[str, torch.Tensor]:
     """Every weight of a saved model folder (all safetensors shards) in fp32, with the tied copies the file omits
     (`tied`: target -> source name), as the strict full state dict `set_model_state_dict` expects."""
-    index = folder / "model.safetensors.index.json"
-    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
-    weights = {name: t.float() for f in sorted(files) for name, t in load_file(folder / f).items()}
+    weights = {name: tensor.float() for name, tensor in iter_safetensors(folder)}
     for target, tied_source in tied.items():
         weights.setdefault(target, weights[tied_source])
     return weights
