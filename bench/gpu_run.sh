@@ -15,7 +15,8 @@
 #   2. gpu_train_step.py, 3 runs x (ours, official, dense) + loss memory: ~2 min.
 #   3. gpu_generate.py, the engine compiled (not yet measured): compiling the prefill and three decode graphs
 #      at 1.5B dims ~2-4 min (the CPU smoke run compiles in ~1 min at tiny dims), dense eager generate ~1 min.
-#   4. gpu_train_step.py extras (compiled, packed FlexAttention): ~2 min.
+#   4. gpu_train_step.py extras (compiled, packed FlexAttention, bidirectional image attention against causal,
+#      one sample per row and two packed): ~3 min.
 # SMOKE=1 bash bench/gpu_run.sh runs the same sequence with tiny dims on the CPU (checks the script, not the GPU).
 set -uo pipefail
 OUT=${OUT:-/tmp/evev2_gpu_out}
@@ -47,7 +48,8 @@ echo "== generate: the engine's prefill and decode (compiled) against dense Qwen
 $PY gpu_generate.py $SMOKE_FLAG --out "$OUT/generate.jsonl" 2>&1 | tee "$OUT/generate.log"
 fi
 if [[ $STEPS == *" extras "* ]]; then
-echo "== train step extras: compiled layers, packed FlexAttention (same machine, same batch)"
-$PY gpu_train_step.py $SMOKE_FLAG --runs 1.5B:anchor --kinds ours_compiled ours_packed \
+echo "== train step extras: compiled layers, packed FlexAttention, bidirectional image attention (same machine, batch)"
+$PY gpu_train_step.py $SMOKE_FLAG --runs 1.5B:anchor \
+  --kinds ours ours_bidir ours_compiled ours_packed ours_packed_bidir \
   --out "$OUT/train_step.jsonl" 2>&1 | tee "$OUT/extras.log"
 fi

@@ -8,6 +8,8 @@ Steps compared on the same batch:
 * `ours`: index routing (each token through one weight copy), LM head on supervised tokens only (chunked), causal SDPA;
 * `ours_compiled`: the same with every decoder layer under `torch.compile` (the recipe's `model.compile`);
 * `ours_packed`: the two samples packed in one row, block-causal FlexAttention (what the engine runs on GPU);
+* `ours_bidir`, `ours_packed_bidir`: `ours` and `ours_packed` with bidirectional attention inside each image
+  (`image_attention="bidirectional"`); `cost_<kind>_over_<causal kind>` is their time over the causal one's;
 * `official`: mask-blend (both copies on every token), full-vocabulary fp32 logits on every position, SDPA;
 * `dense`: HF `Qwen2ForCausalLM` of the same dims on the same spliced embeddings (a plain LLM, for reference).
 MFU = (6*N*T + 6*L*d*B*S^2) / time / 989e12, with N the parameters of one weight copy (the dense LLM).
@@ -45,7 +47,7 @@ SHAPES = {  # Qwen2.5 dims
 }
 BATCHES = {"anchor": ((1280, 1600), 400), "seq4096": ((1664, 1984), 819), "smoke": ((64, 96), 16)}
 H100_PEAK = 989e12
-KINDS = ("ours", "ours_compiled", "ours_packed", "official", "dense")
+KINDS = ("ours", "ours_compiled", "ours_packed", "official", "dense", "ours_bidir", "ours_packed_bidir")
 
 
 def dense_params(dims: dict) -> int:
@@ -86,8 +88,9 @@ def build(kind: str, dims: dict, device: torch.device, dtype: torch.dtype) -> to
         if kind == "dense":
             model = Qwen2ForCausalLM(Qwen2Config(**common, attn_implementation="sdpa"))
         else:
-            attention = "flex_attention" if kind == "ours_packed" else "sdpa"
+            attention = "flex_attention" if kind.startswith("ours_packed") else "sdpa"
             config = EVEConfig(**common, routing="blend" if kind == "official" else "index",
+                               image_attention="bidirectional" if kind.endswith("_bidir") else "causal",
                                attn_implementation=attention)
             model = EVEForCausalLM(config)
     model = model.to(dtype).train()
@@ -98,9 +101,9 @@ def build(kind: str, dims: dict, device: torch.device, dtype: torch.dtype) -> to
 
 def loss_fn(kind: str, model: torch.nn.Module, batch: Batch,
             spliced: EVEForCausalLM | None) -> Callable[[], torch.Tensor]:
-    if kind in ("ours", "ours_compiled"):
+    if kind in ("ours", "ours_compiled", "ours_bidir"):
         return lambda: model(input_ids=batch.ids, images=batch.images, labels=batch.labels).loss
-    if kind == "ours_packed":
+    if kind in ("ours_packed", "ours_packed_bidir"):
         ids, labels, segments = batch.packed()
         return lambda: model(input_ids=ids, images=batch.images, labels=labels, attention_mask=segments).loss
     if kind == "official":  # both copies everywhere, full-vocabulary fp32 logits on every position
@@ -184,6 +187,9 @@ def measure_step(shape: str, batch_name: str, kinds: list[str], device: torch.de
     for kind in kinds:
         if kind != "official" and "ms" in result.get(kind, {}) and "ms" in result.get("official", {}):
             result[f"speedup_{kind}_over_official"] = result["official"]["ms"] / result[kind]["ms"]
+    for bidir, causal in (("ours_bidir", "ours"), ("ours_packed_bidir", "ours_packed")):
+        if "ms" in result.get(bidir, {}) and "ms" in result.get(causal, {}):
+            result[f"cost_{bidir}_over_{causal}"] = result[bidir]["ms"] / result[causal]["ms"]
     return result
 
 

@@ -1,5 +1,5 @@
-"""`evev2 ablate --quick`: four variants from one stage-0 LLM, stage 2 then a shared SFT on the same tokens, their
-numbers, table, verdict and plot.
+"""`evev2 ablate --quick`: five variants (the paper's four and v2.0 with bidirectional image attention) from one stage-0
+LLM, stage 2 then a shared SFT on the same tokens, their numbers, table, verdicts and plot.
 
 One quick run is shared by every test (about half a minute on 2 cores).
 """
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from evev2.ablate.plan import ABLATION_VARIANTS
-from evev2.ablate.report import ablation_table, summarize, verdict
-from evev2.ablate.variants import derive_variant, parameter_counts, sft_trainable
+from evev2.ablate.report import ablation_table, bidirectional_verdict, summarize, verdict
+from evev2.ablate.variants import derive_variant, image_attention, parameter_counts, sft_trainable
 from evev2.cli import main as cli
 from evev2.model import EVEForCausalLM
 from evev2.train.groups import freeze_except, parameter_groups
@@ -34,6 +34,7 @@ def test_quick_ablation_writes_json_and_plot(ablation):
     output, saved, returned = ablation
     assert (output / "ablation_loss.png").stat().st_size > 10_000
     assert saved["verdict"] == returned["verdict"]
+    assert saved["bidirectional"]["outcome"] in ("HELPS", "HURTS", "MIXED")
     assert [run["variant"] for run in saved["runs"]] == list(ABLATION_VARIANTS)
     assert len(saved["machine"]["load_average_at_end"]) == 3 and saved["timing"]["total_s"] > 0
     for run in saved["runs"]:  # SFT starts from the variant's own stage-2 export
@@ -55,7 +56,7 @@ def test_every_variant_trains_the_same_tokens_and_only_its_groups(ablation):
     trainable = {run["variant"]: run["trainable"] for run in saved["runs"]}
     assert trainable["v1.0"] == {"stage2": ["patch_embed", "text", "embeddings"],
                                  "sft": ["patch_embed", "text", "embeddings"]}  # v1.0 has no vision group
-    for variant in ("v1.2", "v1.5", "v2.0"):
+    for variant in ("v1.2", "v1.5", "v2.0", "v2.0-bidir"):
         assert trainable[variant] == {"stage2": ["patch_embed", "vision"],
                                       "sft": ["patch_embed", "vision", "text", "embeddings"]}
 
@@ -66,7 +67,7 @@ def test_frozen_llm_variants_keep_the_stage0_language_until_sft(ablation):
     stage2 = {v: s["perplexity_stage2"]["mean"] for v, s in saved["summary"].items()}
     sft = {v: s["perplexity_sft"]["mean"] for v, s in saved["summary"].items()}
     assert all(math.isfinite(p) and p > 1 for p in [before, *stage2.values(), *sft.values()])
-    for variant in ("v1.2", "v1.5", "v2.0"):  # text tokens only see the frozen text weights in stage 2
+    for variant in ("v1.2", "v1.5", "v2.0", "v2.0-bidir"):  # text tokens only see the frozen text weights in stage 2
         assert stage2[variant] == pytest.approx(before, rel=1e-4)
     assert stage2["v1.0"] != pytest.approx(before, rel=1e-4)  # v1.0 trained its LLM in stage 2
     for variant in ABLATION_VARIANTS:  # SFT trains every variant's LLM
@@ -92,25 +93,32 @@ def test_table_and_parameter_counts(ablation):
     assert p["v1.2"]["total"] > p["v1.0"]["total"]
     assert {p[v]["active_text_token"] for v in ABLATION_VARIANTS} == {p["v1.0"]["active_text_token"]}
     assert p["v1.5"]["active_vision_token"] == p["v2.0"]["active_vision_token"] == p["v1.0"]["active_vision_token"]
+    assert p["v2.0-bidir"] == p["v2.0"]  # the same weights, attending differently
     assert p["v1.2"]["active_vision_token"] > p["v1.0"]["active_vision_token"]
     for stats in saved["summary"].values():
         assert 0 <= stats["overall"]["mean"] <= 1 and math.isfinite(stats["caption_loss"]["mean"])
         assert stats["caption_loss"]["mean"] > 0
 
 
-def test_derived_variants_equal_the_stage1_model(ablation, tmp_path):
-    output, _, _ = ablation
-    stage1 = output / "stage1" / "export"
-    base = EVEForCausalLM.from_pretrained(stage1, dtype=torch.float64).eval()
+def test_derived_variants_equal_their_stage1_model(ablation, tmp_path):
+    """Each variant starts as the stage-1 model of its image attention; v2.0-bidir's stage 1 attended both ways."""
+    output, saved, _ = ablation
+    assert saved["stage1"] == {attention: str(output / folder / "export") for attention, folder in
+                               (("causal", "stage1"), ("bidirectional", "stage1-bidirectional"))}
+    assert saved["stage1_tokens"]["causal"] == saved["stage1_tokens"]["bidirectional"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 100, (2, 7), generator=g)
-    ids[:, 1] = base.config.image_token_index
+    ids[:, 1] = -200
     images = [torch.randn(3, 64, 96, generator=g, dtype=torch.float64), torch.randn(3, 32, 64, generator=g,
                                                                                     dtype=torch.float64)]
-    expected = base(input_ids=ids, images=images).logits
+    stage1 = {attention: EVEForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+              for attention, path in saved["stage1"].items()}
+    assert stage1["bidirectional"].config.image_attention == "bidirectional"
     for variant in ABLATION_VARIANTS:
-        model = EVEForCausalLM.from_pretrained(derive_variant(stage1, tmp_path / variant, variant, seed=3),
-                                               dtype=torch.float64).eval()
+        attention = image_attention(variant)
+        expected = stage1[attention](input_ids=ids, images=images).logits
+        model = EVEForCausalLM.from_pretrained(derive_variant(Path(saved["stage1"][attention]), tmp_path / variant,
+                                                              variant, seed=3), dtype=torch.float64).eval()
         torch.testing.assert_close(model(input_ids=ids, images=images).logits, expected, rtol=0, atol=1e-9)
         counts = parameter_counts(model)
         vision = sum(p.numel() for _, p in parameter_groups(model)["vision"])
@@ -147,3 +155,12 @@ def test_verdict_is_computed_from_the_numbers():
     assert result["checks"] == {"vision_best_caption_loss": True, "vision_best_accuracy": False,
                                 "language_kept_best": False}
     assert "vision_best_accuracy, language_kept_best failed" in result["lines"][-1]
+    # v2.0-bidir is no part of the paper's claim, even when it beats v2.0; it gets a verdict of its own
+    with_bidir = agree + [_run("v2.0-bidir", 0.7, 0.7, 3.0, 3.8)]
+    assert verdict(summarize(with_bidir)) == verdict(summarize(agree))
+    bidir = bidirectional_verdict(summarize(with_bidir))
+    assert bidir["outcome"] == "HELPS" and "0.7000 vs 0.8000" in bidir["lines"][0]
+    assert "0.700 vs 0.610" in bidir["lines"][0]
+    assert bidirectional_verdict(summarize(agree + [_run("v2.0-bidir", 0.7, 0.9, 3.0)]))["outcome"] == "MIXED"
+    assert bidirectional_verdict(summarize(agree + [_run("v2.0-bidir", 0.5, 0.9, 3.0)]))["outcome"] == "HURTS"
+    assert bidirectional_verdict(summarize(agree))["lines"] == []

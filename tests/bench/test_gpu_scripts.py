@@ -33,6 +33,14 @@ def test_train_step_measures_every_eager_kind_on_the_same_batch(bench_modules):
     assert result["speedup_ours_over_official"] > 0 and "speedup_official_over_official" not in result
 
 
+def test_train_step_measures_bidirectional_image_attention_against_causal(bench_modules):
+    """The GPU run's `ours_bidir` kind (its packed FlexAttention twin has no CPU backward, so it runs on GPU only)."""
+    gpu_train_step, _ = bench_modules
+    result = gpu_train_step.measure_step("smoke", "smoke", ["ours", "ours_bidir"], torch.device("cpu"), steps=1)
+    assert "error" not in result["ours_bidir"], result["ours_bidir"]
+    assert result["cost_ours_bidir_over_ours"] > 0 and "cost_ours_packed_bidir_over_ours_packed" not in result
+
+
 def test_dense_params_counts_a_real_qwen2(bench_modules):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from itertools import islice
 
 import pytest
@@ -33,7 +34,10 @@ def data(tiny_world_dir, tmp_path_factory):
             lines.append("{not json")
     (root / "mixed.jsonl").write_text("\n".join(lines) + "\n")
     shard = next((tiny_world_dir / "shards").glob("*.tar"))
-    (root / "truncated.tar").write_bytes(shard.read_bytes()[: shard.stat().st_size * 3 // 5])  # cut mid-member
+    with tarfile.open(shard) as tar:  # cut inside the data of the middle member
+        members = tar.getmembers()
+        middle = members[len(members) // 2]
+    (root / "truncated.tar").write_bytes(shard.read_bytes()[: middle.offset_data + middle.size // 2])
     return {"jsonl": root / "mixed.jsonl", "shards": [str(shard), str(root / "truncated.tar")]}
 
 

@@ -8,6 +8,7 @@ shared tiny fixture soon repeats one token, which hides such bugs). The head-of-
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -18,7 +19,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from evev2.infer import GenerationRequest, InferenceEngine
-from evev2.infer.decoding import RowControl
+from evev2.infer.batcher import GenerationResult
+from evev2.infer.decoding import RowControl, RowDecoder
 
 
 def noise(h: int, w: int, seed: int) -> Image.Image:
@@ -101,6 +103,26 @@ def test_requests_joining_mid_generation_equal_each_request_alone(varied, stagge
     after = varied.stats
     assert after.prefills - before.prefills == 3  # each arrival was prefilled on its own, then joined
     assert after.largest_batch >= 3  # and decoded in one batch with the rows already running
+
+
+def test_bidirectional_image_attention_equals_uncached_full_forward_greedy(varied, staggered):
+    """The batcher's left-padded prefill gives each image bidirectional attention inside itself (two images in one
+    prompt included), exactly as re-running the whole spliced sequence for every token does."""
+    model = copy.deepcopy(varied.model)
+    model.config.image_attention = "bidirectional"
+    engine = InferenceEngine(model, varied.processor, max_images=3, eos_token_ids=set())
+    expected = []
+    for request in staggered:
+        prompt = engine.prepare(request)
+        ids, decoder = prompt.input_ids[None], RowDecoder(engine.tokenizer, set(), request.max_new_tokens, [])
+        with torch.no_grad():
+            while not decoder.done:
+                token = model(input_ids=ids, images=prompt.images).logits[0, -1].argmax()
+                decoder.push(int(token))
+                ids = torch.cat([ids, token.view(1, 1)], dim=1)
+        expected.append(GenerationResult(decoder.text, prompt.prompt_tokens, decoder.completion_tokens, "length"))
+    assert engine.generate(staggered) == expected
+    assert [r.text for r in varied.generate(staggered)] != [r.text for r in expected]  # the mode changes answers
 
 
 def test_rows_leaving_in_any_order_leave_the_others_exact(varied, staggered):

@@ -11,7 +11,7 @@ from PIL import Image
 from evev2.cli import main
 from evev2.synth.world import generate_world, write_world
 from evev2.synth.language import OPPOSITE, QA_TYPES, RELATIONS, true_relations
-from evev2.synth.layout import COLORS, FONT_SIZES, NUMBER_WORDS, SHAPES, WORDS, text_extent
+from evev2.synth.layout import CELL_PX, COLORS, FONT_SIZES, INSET_PX, NUMBER_WORDS, SHAPES, WORDS, text_extent
 
 
 @pytest.fixture(scope="module")
@@ -52,23 +52,26 @@ def test_world_covers_the_vocabulary(train_scenes):
     assert all(w % 32 == 0 and h % 32 == 0 for w, h in sizes)
 
 
-def test_objects_and_text_are_large_and_apart(train_scenes):
+def test_every_item_fills_whole_token_cells_apart_from_the_others(train_scenes):
     for scene in train_scenes[:1000]:
         items = [o.box for o in scene.objects] + ([scene.layout.text.box] if scene.layout.text else [])
         for x0, y0, x1, y1 in items:
             assert 0 <= x0 < x1 <= scene.layout.width and 0 <= y0 < y1 <= scene.layout.height
-        for o in scene.objects:
-            assert o.box[2] - o.box[0] >= 32 and o.box[3] - o.box[1] >= 32
-        if scene.layout.text:
-            assert scene.layout.text.font_size >= 28
-        for i, a in enumerate(items):  # no two items overlap
-            for b in items[i + 1:]:
-                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+        for o in scene.objects:  # one or two cells wide, INSET_PX inside them
+            x0, y0, x1, y1 = o.box
+            assert (x0 - INSET_PX) % CELL_PX == 0 and (y0 - INSET_PX) % CELL_PX == 0
+            assert x1 - x0 == y1 - y0 and (x1 - x0 + 2 * INSET_PX) in (CELL_PX, 2 * CELL_PX)
+        if scene.layout.text:  # a word starts INSET_PX into a cell and stays inside one row of cells
+            x0, y0, x1, y1 = scene.layout.text.box
+            assert (x0 - INSET_PX) % CELL_PX == 0 and y0 // CELL_PX == (y1 - 1) // CELL_PX
+        cells = [{(x, y) for x in range(b[0] // CELL_PX, (b[2] - 1) // CELL_PX + 1)
+                  for y in range(b[1] // CELL_PX, (b[3] - 1) // CELL_PX + 1)} for b in items]
+        assert sum(map(len, cells)) == len(set().union(*cells))  # no two items share a cell
         assert len({o.color for o in scene.objects}) == len({o.shape for o in scene.objects}) == len(scene.objects)
 
 
 def test_every_word_fits_the_narrowest_canvas():
-    assert all(text_extent(word, min(FONT_SIZES))[0] <= 96 - 8 for word in WORDS)
+    assert all(text_extent(word, max(FONT_SIZES))[0] + 2 * INSET_PX <= 96 for word in WORDS)
 
 
 def test_answers_agree_with_the_scene(train_scenes):
@@ -198,8 +201,11 @@ def test_heldout_differs_from_every_train_seed(heldout_scenes):
     for seed in range(3):
         train = {(s.caption, s.layout.width, s.layout.height) for s in generate_world(200, seed=seed, render=False)}
         assert len(heldout & train) < 5  # only trivially simple scenes could coincide in caption and size
-    boxes = {tuple(o.box for o in s.objects) for s in heldout_scenes[:200]}
-    assert not boxes & {tuple(o.box for o in s.objects) for s in generate_world(200, seed=0, render=False)}
+    def scene(s):  # everything drawn but the colour jitter (positions lie on the token grid, so they repeat)
+        return s.layout.width, s.layout.height, s.layout.text, tuple((o.shape, o.color, o.box) for o in s.objects)
+
+    heldout = {scene(s) for s in heldout_scenes}
+    assert len(heldout & {scene(s) for s in generate_world(len(heldout_scenes), seed=0, render=False)}) <= 1
     assert all(s.level == 3 for s in heldout_scenes)
 
 
@@ -223,7 +229,7 @@ def test_cli_writes_llava_json_webdataset_and_text(tmp_path):
     assert len(records) == 200 and manifest["shards"] == ["train-000000.tar", "train-000001.tar"]
     first = records[0]
     assert first["conversations"][0]["from"] == "human" and first["conversations"][0]["value"].startswith("<image>\n")
-    assert [t["from"] for t in first["conversations"]] == ["human", "gpt"] * (len(first["qa"]) + 1)
+    assert [t["from"] for t in first["conversations"]] == ["human", "gpt"] * (len(first["conversations"]) // 2)
     assert sum("<image>" in t["value"] for r in records for t in r["conversations"]) == 200
     image = Image.open(out / first["image"])
     assert image.size == (first["width"], first["height"])
@@ -256,3 +262,20 @@ def test_caption_pairs_file_feeds_the_plain_template(tmp_path):
     for pair, record in zip(pairs, records):
         human, gpt = pair["conversations"]
         assert human == {"from": "human", "value": "<image>"} and gpt == {"from": "gpt", "value": record["caption"]}
+
+
+def test_no_training_answer_can_be_read_off_an_earlier_turn(train_scenes):
+    """Evaluation asks each question alone: training must not let an answer be copied from the conversation."""
+    for scene in train_scenes[:1000]:
+        turns = list(scene.conversation)
+        if turns[0][0] == "describe the image .":  # it states everything: a conversation of its own
+            assert turns == [("describe the image .", scene.caption)]
+            continue
+        kinds = {item.question: item.type for item in scene.qa}
+        order = [kinds[q] for q, _ in turns]
+        if "relation" in order:  # it names two objects' colours and shapes
+            assert order[-1] == "relation"
+        for question, answer in turns:
+            earlier = " ".join(f"{q} {a}" for q, a in turns[:turns.index((question, answer))])
+            if kinds[question] in ("shape", "color", "text"):
+                assert answer not in earlier.split(), (question, answer, earlier)

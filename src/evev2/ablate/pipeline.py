@@ -1,5 +1,5 @@
-"""`evev2 ablate`: world -> stage-0 LLM -> stage 1 (once) -> per variant and seed: stage 2 -> caption loss and text
-perplexity -> shared SFT -> held-out VQA, BLEU-4 and text perplexity.
+"""`evev2 ablate`: world -> stage-0 LLM -> stage 1 (once per image attention) -> per variant and seed: stage 2 ->
+caption loss and text perplexity -> shared SFT -> held-out VQA, BLEU-4 and text perplexity.
 
 The paper's protocol (EVEv2 Table 3 / Figure 5): stage 2 trains what differs between the variants (`stage2_trainable`:
 the LLM for v1.0, patch embedding + vision weights with the LLM frozen for the others); then one SFT stage, the same
@@ -27,8 +27,8 @@ import torch
 from evev2 import jsonio
 from evev2.ablate.measure import caption_loss, run_tokens
 from evev2.ablate.plan import ABLATION_VARIANTS, FULL_ABLATION, QUICK_ABLATION, AblationPlan
-from evev2.ablate.report import ablation_table, plot_ablation_curves, summarize, verdict
-from evev2.ablate.variants import derive_variant, parameter_counts, sft_trainable, stage2_trainable
+from evev2.ablate.report import ablation_table, bidirectional_verdict, plot_ablation_curves, summarize, verdict
+from evev2.ablate.variants import derive_variant, image_attention, parameter_counts, sft_trainable, stage2_trainable
 from evev2.synth.language import QA_TYPES
 from evev2.demo.evaluate import evaluate_heldout, split_question_file
 from evev2.demo.language import text_perplexity
@@ -40,7 +40,7 @@ from evev2.train.recipe import load_recipe
 
 log = logging.getLogger(__name__)
 
-OWNED = ("world", "stage0", "stage1", "runs", "eval")
+OWNED = ("world", "stage0", "stage1", "stage1-bidirectional", "runs", "eval")
 
 
 def _train(recipe_file: Path, output: Path, steps: int, overrides: tuple[str, ...]) -> tuple[Path, Path]:
@@ -97,8 +97,13 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
     llm, perplexity_before = build_llm(plan.world, folders, output / "stage0")
     convert_llm(llm, output / "stage0" / "eve", variant="v1.0", patch_hidden_size=plan.world.patch_hidden_size)
     mark = lap("stage0", mark)
-    stage1, stage1_metrics = _train(recipes / "stage1.toml", output, plan.stage1_steps, plan.stage1_overrides)
-    mark = lap("stage1", mark)
+    stage1, stage1_metrics = {}, {}  # by image attention: stage 1 trains the patch embedding for the one it will meet
+    for attention in dict.fromkeys(image_attention(variant) for variant in ABLATION_VARIANTS):
+        name = "stage1" if attention == "causal" else f"stage1-{attention}"
+        stage1[attention], stage1_metrics[attention] = _train(
+            recipes / "stage1.toml", output, plan.stage1_steps,
+            (*plan.stage1_overrides, f"model.image_attention={attention}", f"output={output / name}"))
+        mark = lap(name, mark)
 
     questions = folders["heldout"] / "heldout_questions.jsonl"
     qa_file, caption_file = split_question_file(questions, output / "eval", plan.caption_bleu_images)
@@ -111,7 +116,7 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
             name, folder = f"{variant}-seed{seed}", output / "runs" / f"{variant}-seed{seed}"
             trainable = {"stage2": list(stage2_trainable(variant)), "sft": list(sft_trainable(variant))}
             seeded = (f"train.seed={seed}", f"data.seed={seed}")
-            derive_variant(stage1, folder / "init", variant, seed)
+            derive_variant(stage1[image_attention(variant)], folder / "init", variant, seed)
             stage2, stage2_metrics = _train(
                 recipes / "stage2_2.toml", output, plan.stage2_steps,
                 (*plan.stage2_overrides, f"model.source={folder / 'init'}", f"output={folder / 'stage2'}",
@@ -143,17 +148,20 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
     results = {
         "summary": summary,
         "verdict": verdict(summary),
+        "bidirectional": bidirectional_verdict(summary),
         "variants": variants,
         "chance": {kind: first[f"{kind}/chance"] / 100 for kind in QA_TYPES if f"{kind}/chance" in first},
         "text_perplexity_before": perplexity_before,
-        "stage1_tokens": run_tokens(stage1_metrics),
+        "stage1": {attention: str(export) for attention, export in stage1.items()},
+        "stage1_tokens": {attention: run_tokens(metrics) for attention, metrics in stage1_metrics.items()},
         "runs": runs,
         "plan": {"seeds": seeds, "stage1_steps": plan.stage1_steps, "stage2_steps": plan.stage2_steps,
                  "sft_steps": plan.sft_steps, "stage1_overrides": list(plan.stage1_overrides),
                  "stage2_overrides": list(plan.stage2_overrides), "sft_overrides": list(plan.sft_overrides),
                  "train_images": plan.world.train_images, "heldout_images": plan.world.heldout_images,
                  "llm": vars(plan.world.llm), "llm_steps": plan.world.llm_steps,
-                 "stage1": "trained once on EVEv1.0, every variant derived from it (derive_variant)",
+                 "stage1": "trained once per image attention on EVEv1.0, every variant derived from the one with its "
+                           "image attention (derive_variant)",
                  "stage2": "recipes/tiny/stage2_2.toml, variant-specific trainable groups (Figure 5)",
                  "sft": "recipes/tiny/stage3.toml from each variant's stage-2 export, the whole model, same for all"},
         "files": {"loss_plot": str(plot_ablation_curves(curves, output / "ablation_loss.png"))},
@@ -171,14 +179,15 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
 
 def ablate_cli(output: Path = Path("runs/ablate"), quick: bool = False, seeds: int = 1,
                recipes: Path | None = None) -> dict[str, Any]:
-    """Train EVEv1.0, v1.2, v1.5 and v2.0 from one stage-0 LLM on the same tokens and compare them.
+    """Train EVEv1.0, v1.2, v1.5, v2.0 and v2.0 with bidirectional image attention from one stage-0 LLM on the same
+    tokens and compare them.
 
     The paper's protocol in miniature: stage 2 with variant-specific trainable weights (Figure 5: its loss curves,
     held-out caption loss and text-only perplexity after it), then one shared SFT stage of the whole model, then
     held-out VQA accuracy per type (beside chance and a blind baseline), caption BLEU-4 and text perplexity. Also
     parameters total and active per token, tokens and wall time per stage. Writes ablation.json and
-    ablation_loss.png, prints a markdown table and whether the result agrees with the paper's claim that v2.0 learns
-    vision best and keeps language best.
+    ablation_loss.png, prints a markdown table, whether the result agrees with the paper's claim that v2.0 learns
+    vision best and keeps language best, and whether bidirectional attention inside images helps v2.0.
 
     Args:
         output: run folder; its ablation subfolders are replaced.
@@ -191,7 +200,7 @@ def ablate_cli(output: Path = Path("runs/ablate"), quick: bool = False, seeds: i
     machine = results["machine"]
     print("\n" + ablation_table(results))
     print(f"\ntext-only perplexity before (stage-0 LLM): {results['text_perplexity_before']:.3f}")
-    print("\n".join(results["verdict"]["lines"]))
+    print("\n".join(results["verdict"]["lines"] + results["bidirectional"]["lines"]))
     print(f"\nwall time {results['timing']['total_s'] / 60:.1f} min on {machine['cpus']} CPUs, {machine['date_utc']}; "
           f"load averages at start {', '.join(f'{x:.2f}' for x in machine['load_average_at_start'])}, at end "
           f"{', '.join(f'{x:.2f}' for x in machine['load_average_at_end'])}; files: {output}/ablation.json, "

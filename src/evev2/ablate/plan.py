@@ -4,8 +4,9 @@ Every variant gets the same stage-2 steps on the same samples in the same order,
 then the same SFT steps on the same samples (the paper's protocol: VQA is measured after a shared SFT stage, since a
 variant whose LLM stayed frozen in stage 2 cannot answer questions yet). The full plan takes about 23 minutes on 2 CPU
 cores with one seed (measured 2026-11-27: 65 s for world, stage 0 and stage 1; per variant 200-230 s of stage 2 (300
-steps), 6 s of caption loss and perplexity, 82-90 s of SFT (100 steps) and 23-26 s of evaluation); a second seed does
-not fit in 30 minutes. `--quick` is the half-minute version the tests run (about 15 s).
+steps), 6 s of caption loss and perplexity, 82-90 s of SFT (100 steps) and 23-26 s of evaluation), with the four
+paper variants; the fifth, v2.0-bidir, and its own stage 1 add about 6 minutes by those numbers (not yet measured).
+A second seed does not fit in 30 minutes. `--quick` is the half-minute version the tests run.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from dataclasses import dataclass
 
 from evev2.demo.plan import FULL_PLAN, QUICK_PLAN, DemoPlan
 
-#: The variants in the order of the paper's Figure 5.
-ABLATION_VARIANTS = ("v1.0", "v1.2", "v1.5", "v2.0")
+#: The variants in the order of the paper's Figure 5, then v2.0 with bidirectional attention inside each image.
+ABLATION_VARIANTS = ("v1.0", "v1.2", "v1.5", "v2.0", "v2.0-bidir")
 
 
 @dataclass(frozen=True)
 class AblationPlan:
     world: DemoPlan  # world and stage-0 LLM sizes; its `stages` are not used (the ablation runs its own)
-    stage1_steps: int  # tiny/stage1.toml, trained once (all variants compute the same function at stage 1)
+    stage1_steps: int  # tiny/stage1.toml, trained once per image attention (variants of one compute the same function)
     stage2_steps: int  # tiny/stage2_2.toml, once per variant and seed, variant-specific trainable groups
     sft_steps: int  # tiny/stage3.toml, once per variant and seed, the whole model
     stage1_overrides: tuple[str, ...] = ()

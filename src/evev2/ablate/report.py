@@ -16,6 +16,9 @@ SUMMARY_METRICS = ("caption_loss", "perplexity_stage2", *QA_TYPES, "overall", "b
 #: Perplexities closer than this (relative) are a tie: the frozen-LLM variants score the same text the same way.
 PERPLEXITY_TIE = 1e-3
 CLAIM_VARIANT = "v2.0"
+#: The paper's variants, which its claim is about; v2.0 with bidirectional image attention is judged on its own.
+PAPER_VARIANTS = ("v1.0", "v1.2", "v1.5", "v2.0")
+BIDIRECTIONAL_VARIANT = "v2.0-bidir"
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -44,7 +47,7 @@ def verdict(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     part reported). Language: lowest text perplexity after stage 2, ties within PERPLEXITY_TIE counted; the ordering
     after SFT is reported beside it but is not part of the claim (SFT trains every variant's LLM alike).
     """
-    mean = {v: {m: s["mean"] for m, s in metrics.items()} for v, metrics in summary.items()}
+    mean = {v: {m: s["mean"] for m, s in metrics.items()} for v, metrics in summary.items() if v in PAPER_VARIANTS}
     others = [v for v in mean if v != CLAIM_VARIANT]
     claim = mean[CLAIM_VARIANT]
     best_vqa = max(others, key=lambda v: mean[v]["overall"])
@@ -80,6 +83,24 @@ def verdict(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
         lines.append(f"DISAGREES with the paper's claim at this budget ({', '.join(failed)} failed).")
     return {"agrees_with_paper": agrees, "vision_best": vision_best, "checks": checks,
             "perplexity_sft_order": sft_order, "lines": lines}
+
+
+def bidirectional_verdict(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Does bidirectional attention inside images help v2.0? From the means, on the same tokens: it helps if v2.0-bidir
+    has the lower stage-2 caption loss AND the higher post-SFT VQA accuracy, hurts if neither, and is mixed otherwise.
+    Text perplexity is reported beside it (text-only input is computed the same way in both modes)."""
+    if BIDIRECTIONAL_VARIANT not in summary:
+        return {"checks": {}, "outcome": None, "lines": []}
+    bidir, causal = ({m: s["mean"] for m, s in summary[v].items()} for v in (BIDIRECTIONAL_VARIANT, CLAIM_VARIANT))
+    checks = {"lower_caption_loss": bidir["caption_loss"] < causal["caption_loss"],
+              "higher_accuracy": bidir["overall"] > causal["overall"]}
+    outcome = "HELPS" if all(checks.values()) else "HURTS" if not any(checks.values()) else "MIXED"
+    n = summary[BIDIRECTIONAL_VARIANT]["overall"]["n"]
+    lines = [f"bidirectional image attention ({BIDIRECTIONAL_VARIANT} vs {CLAIM_VARIANT}, same tokens, {n} seed(s)): "
+             f"stage-2 caption loss {bidir['caption_loss']:.4f} vs {causal['caption_loss']:.4f}, post-SFT VQA overall "
+             f"{bidir['overall']:.3f} vs {causal['overall']:.3f}, text ppl after SFT {bidir['perplexity_sft']:.3f} vs "
+             f"{causal['perplexity_sft']:.3f} -> {outcome}"]
+    return {"checks": checks, "outcome": outcome, "lines": lines}
 
 
 def _cell(stat: dict[str, float], fmt: str) -> str:

@@ -1,8 +1,10 @@
-"""The four variants from one stage-1 model, what each trains in stage 2 and in SFT, and their parameter counts."""
+"""The variants (the paper's four, and v2.0 with bidirectional image attention) from a stage-1 model, what each trains
+in stage 2 and in SFT, and their parameter counts."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,10 +14,20 @@ from evev2.model.configuration_eve import VARIANTS
 from evev2.model.modeling_eve import vision_modules, vision_pairs
 from evev2.train.recipe import GROUPS
 
+#: Every variant as the EVEConfig fields that make it: the paper's four (`VARIANTS`), and EVEv2.0 whose image tokens
+#: attend to their whole image (NEO, Gemma 4 style), same weights and tokens.
+VARIANT_CONFIGS: dict[str, dict[str, Any]] = {
+    **VARIANTS, "v2.0-bidir": {**VARIANTS["v2.0"], "image_attention": "bidirectional"}}
+
+
+def image_attention(variant: str) -> str:
+    """How `variant`'s image tokens attend; its stage 1 is trained that way."""
+    return VARIANT_CONFIGS[variant].get("image_attention", "causal")
+
 
 def has_vision_weights(variant: str) -> bool:
     """Whether `variant` has any vision-only weights (modality-specific copies or the v1.2 reparameterised FFN)."""
-    config = VARIANTS[variant]
+    config = VARIANT_CONFIGS[variant]
     return bool(config.get("modality_split")) or bool(config.get("vision_mlp_reparam"))
 
 
@@ -32,16 +44,20 @@ def sft_trainable(variant: str) -> tuple[str, ...]:
 
 
 def derive_variant(stage1: Path, dst: Path, variant: str, seed: int) -> Path:
-    """Save the stage-1 model (EVEv1.0, trained patch embedding) as `variant`.
+    """Save the stage-1 model (EVEv1.0, trained patch embedding, `variant`'s image attention) as `variant`.
 
-    At stage 1 only the patch embedding trains and every variant computes the same function (vision copies are clones
-    of the text weights, the v1.2 gates are 0), so training stage 1 once and deriving each variant from it equals
-    training stage 1 per variant. Vision copies are cloned from the text weights; v1.2's dW is drawn from `seed`.
+    At stage 1 only the patch embedding trains and every variant of one image attention computes the same function
+    (vision copies are clones of the text weights, the v1.2 gates are 0), so training stage 1 once per image attention
+    and deriving each variant from it equals training stage 1 per variant. Vision copies are cloned from the text
+    weights; v1.2's dW is drawn from `seed`.
     """
     base = EVEForCausalLM.from_pretrained(stage1, dtype=torch.float32)
     if base.config.modality_split or base.config.vision_mlp_reparam:
         raise ValueError(f"{stage1} must be an EVEv1.0 model (no vision weights) to derive variants from")
-    config = EVEConfig.from_dict({**base.config.to_dict(), **VARIANTS[variant]})
+    if base.config.image_attention != image_attention(variant):
+        raise ValueError(f"{stage1} has {base.config.image_attention} image attention; {variant} needs a stage 1 "
+                         f"trained with {image_attention(variant)} image attention")
+    config = EVEConfig.from_dict({**base.config.to_dict(), **VARIANT_CONFIGS[variant]})
     torch.manual_seed(seed)
     model = EVEForCausalLM(config)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from evev2.data.datasets import Mixture
@@ -97,9 +98,14 @@ class StepStream(IterableDataset):
 
 
 def step_loader(stream: StepStream, num_workers: int, pin_memory: bool) -> Iterator[PreparedStep]:
-    """Iterate `stream` through a DataLoader: `num_workers` processes, each with up to two steps in flight."""
+    """Iterate `stream` through a DataLoader: `num_workers` processes, each with up to two steps in flight.
+
+    The loader seeds its workers from a generator of its own: drawn from torch's global RNG when the first step is
+    fetched, the seed would shift the training's random numbers (dropout) after a resume, which restores them before.
+    """
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=2 if num_workers else None, persistent_workers=False)
+                        prefetch_factor=2 if num_workers else None, persistent_workers=False,
+                        generator=torch.Generator())
     return iter(loader)
 
 

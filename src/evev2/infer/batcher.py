@@ -200,8 +200,8 @@ class ContinuousBatcher:
         images = [image.to(device, self.model.dtype) for p in prompts for image in p.images]
         if images:
             s = self.model.model.embed_inputs(ids, images, mask, padding_side="left")
-            inputs = dict(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
-                          position_ids=s.position_ids, mm_token_type_ids=s.mm_token_type_ids)
+            inputs = dict(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, position_ids=s.position_ids,
+                          mm_token_type_ids=s.mm_token_type_ids, image_ids=s.image_ids)
             mask = s.attention_mask
         else:
             inputs = dict(input_ids=ids, attention_mask=mask)

@@ -9,6 +9,8 @@ from transformers import Qwen2Config
 
 #: Modules that may get a vision copy. EVEv1.0 = (), EVEv1.5 = ("mlp",), EVEv2.0 = all three.
 ROUTABLE_MODULES = ("norm", "attn", "mlp")
+#: How image tokens attend (`EVEConfig.image_attention`).
+IMAGE_ATTENTION = ("causal", "bidirectional")
 #: The paper's architecture variants, as the EVEConfig fields that make each one.
 VARIANTS: dict[str, dict[str, Any]] = {
     "v1.0": {"modality_split": ()},
@@ -42,6 +44,10 @@ class EVEConfig(Qwen2Config):
         recomputed in backward, so the full `[rows, vocab]` logits never exist at once); 0 disables chunking.
     routing (`str`, defaults to "index"): "index" runs each token through exactly one copy; "blend" is the official
         formulation (both copies on every token, mixed by a float mask), kept as a numerical oracle and benchmark baseline.
+    image_attention (`str`, defaults to "causal"): "causal" is EVEv2 (and the official checkpoints): every token attends
+        to earlier tokens only. "bidirectional" (as NEO, Gemma 4's `use_bidirectional_attention="vision"`): a token may
+        also attend to any token of its own image, so an image's first tokens see the rest of it; text stays causal,
+        and two images of one sample see each other only causally.
     """
 
     model_type = "evev2"
@@ -55,6 +61,7 @@ class EVEConfig(Qwen2Config):
     attention_bias: bool = True
     routing: str = "index"
     loss_chunk_rows: int = 1024
+    image_attention: str = "causal"
 
     def __post_init__(self, **kwargs):
         unknown = set(self.modality_split) - set(ROUTABLE_MODULES)
@@ -67,6 +74,8 @@ class EVEConfig(Qwen2Config):
                              "'mlp' in modality_split (a full vision MLP copy)")
         if self.routing not in ("index", "blend"):
             raise ValueError(f"routing must be 'index' or 'blend', got {self.routing!r}")
+        if self.image_attention not in IMAGE_ATTENTION:
+            raise ValueError(f"image_attention must be one of {IMAGE_ATTENTION}, got {self.image_attention!r}")
         super().__post_init__(**kwargs)
 
     @property

@@ -73,7 +73,8 @@ def _fresh_vision_weights(config: EVEConfig, dtype: torch.dtype, seed: int) -> d
 
 
 def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_hidden_size: int = 1024,
-                seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> EVEConfig:
+                seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
+                image_attention: str = "causal") -> EVEConfig:
     """Turn a local HF Qwen2-family folder into an EVEv2 folder (see module docstring)."""
     src = Path(src)
     if variant not in VARIANTS:
@@ -83,7 +84,8 @@ def convert_llm(src: str | Path, dst: str | Path, variant: str = "v2.0", patch_h
         raise ValueError(f"{src} has model_type {llm.get('model_type')!r}; convert llm expects a Qwen2-family LLM")
     fields = {k: v for k, v in llm.items() if k not in ("model_type", "architectures", "transformers_version",
                                                       "auto_map", "dtype", "torch_dtype")}
-    config = EVEConfig(**{**fields, "patch_hidden_size": patch_hidden_size, **VARIANTS[variant]})
+    config = EVEConfig(**{**fields, "patch_hidden_size": patch_hidden_size, **VARIANTS[variant],
+                          "image_attention": image_attention})
     config.architectures = ["EVEForCausalLM"]
     split = config.modality_split
     dtype = None
@@ -164,9 +166,12 @@ def official_config_to_ours(cfg: dict) -> EVEConfig:
 def our_config_to_official(config: EVEConfig) -> dict:
     if config.vision_mlp_reparam:
         raise ValueError("the official EVEv2 format has no EVEv1.2 gated deltas; merge first (evev2 convert merge)")
+    if config.image_attention != "causal":
+        raise ValueError("the official EVEv2 code attends causally to image tokens; a model trained with "
+                         f"image_attention={config.image_attention!r} would compute something else there")
     out = config.to_dict()
     for k in ("patch_size", "patch_merge", "patch_hidden_size", "modality_split", "vision_mlp_reparam", "routing",
-              "image_token_index", "attention_bias", "transformers_version", "dtype"):
+              "image_token_index", "attention_bias", "image_attention", "transformers_version", "dtype"):
         out.pop(k, None)
     inverse = {v: k for k, v in _OFFICIAL_PARTS.items()}
     out.update(model_type="eve-qwen2", architectures=["EVEQwen2ForCausalLM"], add_moe=bool(config.modality_split),
@@ -197,7 +202,8 @@ def convert_official(src: str | Path, dst: str | Path, to: Literal["ours", "offi
 
 
 def convert_llm_cli(src: Path, dst: Path, variant: Literal["v1.0", "v1.2", "v1.5", "v2.0"] = "v2.0",
-                    patch_hidden_size: int = 1024, seed: int = 0, overwrite: bool = False) -> None:
+                    patch_hidden_size: int = 1024, seed: int = 0, overwrite: bool = False,
+                    image_attention: Literal["causal", "bidirectional"] = "causal") -> None:
     """Convert a local HF Qwen2/Qwen2.5 folder (safetensors, sharded or not) into an EVEv2 model folder.
 
     Args:
@@ -208,11 +214,13 @@ def convert_llm_cli(src: Path, dst: Path, variant: Literal["v1.0", "v1.2", "v1.5
         patch_hidden_size: channels between the two patch-embedding convs (1024 in the paper).
         seed: seed of the patch embedding's random initialisation.
         overwrite: replace dst if it exists.
+        image_attention: causal (EVEv2), or bidirectional: the tokens of one image also attend to each other both
+            ways (text stays causal); a recipe's `model.image_attention` can switch it later.
     """
-    config = convert_llm(src, dst, variant, patch_hidden_size, seed, overwrite)
+    config = convert_llm(src, dst, variant, patch_hidden_size, seed, overwrite, image_attention=image_attention)
     reparam = ", gated vision MLP deltas (EVEv1.2)" if config.vision_mlp_reparam else ""
     print(f"wrote {dst}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-          f"vision copies of {config.modality_split or 'nothing'}{reparam}")
+          f"vision copies of {config.modality_split or 'nothing'}{reparam}, {config.image_attention} image attention")
 
 
 def convert_official_cli(src: Path, dst: Path, to: Literal["ours", "official"] = "ours", overwrite: bool = False) -> None:

@@ -202,6 +202,7 @@ class EVEModel(EVEPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
@@ -212,7 +213,8 @@ class EVEModel(EVEPreTrainedModel):
         """Run the decoder.
 
         Either `input_ids` (+ `images`, or `pixel_values` + `image_sizes`, spliced here) or `inputs_embeds` (already
-        spliced, with `mm_token_type_ids` saying which rows are image tokens; missing means all text). `attention_mask`
+        spliced, with `mm_token_type_ids` saying which rows are image tokens, missing means all text, and `image_ids`
+        which image each image token belongs to, needed under bidirectional image attention). `attention_mask`
         is (B, L) with 0 on padding and the packed-sample id elsewhere (1 everywhere for unpacked rows), or a
         cache-length 0/1 mask while decoding. `output_hidden_states`: the embeddings and every layer's output, in
         sequence order (the last one after the final norm), as for any HF decoder; `output_attentions` needs eager
@@ -231,6 +233,7 @@ class EVEModel(EVEPreTrainedModel):
             if images:
                 s = self.embed_inputs(input_ids, images, attention_mask)
                 inputs_embeds, attention_mask, mm_token_type_ids = s.inputs_embeds, s.attention_mask, s.mm_token_type_ids
+                image_ids = s.image_ids
                 position_ids = s.position_ids if position_ids is None else position_ids
             else:
                 if (input_ids == self.config.image_token_index).any():
@@ -250,12 +253,15 @@ class EVEModel(EVEPreTrainedModel):
         if text_only:
             mm_token_type_ids = torch.zeros(B, L, dtype=torch.long, device=inputs_embeds.device)
 
+        blocks = self.image_blocks(image_ids, mm_token_type_ids, text_only, past, attention_mask)
         if packed:  # block-diagonal causal: attention never crosses packed samples
             segments = attention_mask
             mask = create_causal_mask(self.config, inputs_embeds, segments > 0, None, position_ids,
-                                      and_mask_function=lambda b, h, q, kv: segments[b, q] == segments[b, kv])
+                                      and_mask_function=lambda b, h, q, kv: segments[b, q] == segments[b, kv],
+                                      block_sequence_ids=blocks)
         else:
-            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids,
+                                      block_sequence_ids=blocks)
 
         router = ModalityRouter(mm_token_type_ids.bool(), self.config.routing,
                                 keep_both=self.training and torch.is_grad_enabled(), text_only=text_only)
@@ -271,6 +277,26 @@ class EVEModel(EVEPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=last, cache=cache if use_cache else None,
                                        hidden_states=(*states, last) if output_hidden_states else None,
                                        attentions=tuple(attentions) if output_attentions else None)
+
+    def image_blocks(self, image_ids: torch.Tensor | None, mm_token_type_ids: torch.Tensor, text_only: bool,
+                     past: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Under bidirectional image attention, HF's `block_sequence_ids` over the cached and new positions
+        (B, past + L): tokens of one image share a block and see each other both ways, -1 (text, the cache) is causal.
+
+        None under causal attention, and for text-only inputs (decode steps): their queries only ever look back.
+        An image always sits entirely in one forward, so cached positions never share a block with new ones.
+        """
+        if self.config.image_attention == "causal" or text_only:
+            return None
+        if image_ids is None:
+            if bool(mm_token_type_ids.any()):
+                raise ValueError("bidirectional image attention needs image_ids (which image each token belongs to, "
+                                 "from `embed_inputs`) with image tokens in inputs_embeds")
+            return None
+        if not (attention_mask is None or isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+            raise ValueError("bidirectional image attention builds its own mask: pass a 2D attention_mask, not a "
+                             "prepared one (HF generate prepares a causal one for a static cache: use the default)")
+        return torch.nn.functional.pad(image_ids - 1, (past, 0), value=-1)
 
 
 class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
@@ -304,6 +330,7 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -325,11 +352,12 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
         if images and input_ids is not None:
             s = self.model.embed_inputs(input_ids, images, attention_mask, labels)
             input_ids, inputs_embeds = None, s.inputs_embeds
-            attention_mask, mm_token_type_ids, labels = s.attention_mask, s.mm_token_type_ids, s.labels
+            attention_mask, mm_token_type_ids, image_ids, labels = (s.attention_mask, s.mm_token_type_ids, s.image_ids,
+                                                                    s.labels)
             position_ids = s.position_ids if position_ids is None else position_ids
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         inputs_embeds=inputs_embeds, mm_token_type_ids=mm_token_type_ids, use_cache=use_cache,
-                         return_dict=True, **kwargs)
+                         inputs_embeds=inputs_embeds, mm_token_type_ids=mm_token_type_ids, image_ids=image_ids,
+                         use_cache=use_cache, return_dict=True, **kwargs)
         hidden = out.last_hidden_state  # (B, L, D)
         extra = dict(cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions)
         if labels is None:
@@ -375,11 +403,29 @@ class EVEForCausalLM(EVEPreTrainedModel, GenerationMixin):
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         s = self.model.embed_inputs(input_ids, images, attention_mask, padding_side="left")
         out = super().generate(inputs_embeds=s.inputs_embeds, attention_mask=(s.attention_mask > 0).long(),
-                               mm_token_type_ids=s.mm_token_type_ids, **kwargs)
+                               mm_token_type_ids=s.mm_token_type_ids, image_ids=s.image_ids, **kwargs)
         if isinstance(out, torch.Tensor):
             return torch.cat([input_ids, out], dim=1)
         out.sequences = torch.cat([input_ids, out.sequences], dim=1)
         return out
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        image_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """HF's, with `image_ids` (aligned with the prompt) passed to the prefill only: generated tokens are text."""
+        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length, cache, attention_mask,
+                                                       inputs_embeds, is_first_iteration, **kwargs)
+        if is_first_iteration:
+            inputs["image_ids"] = image_ids
+        return inputs
 
     @torch.no_grad()
     def clone_text_to_vision(self) -> None:

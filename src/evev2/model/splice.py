@@ -1,7 +1,8 @@
 """Splicing: replace each image placeholder in `input_ids` with that image's tokens.
 
-Everything the decoder needs is built here, in the spliced coordinates: embeddings, the per-token modality mask,
-sample ids (for packed rows), position ids that restart per sample, and labels with image positions ignored.
+Everything the decoder needs is built here, in the spliced coordinates: embeddings, the per-token modality mask, which
+image each image token belongs to (for bidirectional image attention), sample ids (for packed rows), position ids that
+restart per sample, and labels with image positions ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class SplicedInputs:
     attention_mask: torch.Tensor  # (B, L) long: 0 = padding, k > 0 = k-th sample of a packed row
     position_ids: torch.Tensor  # (B, L) long, restarting at 0 for every sample
     mm_token_type_ids: torch.Tensor  # (B, L) long: 1 = image token, 0 = text or padding
+    image_ids: torch.Tensor  # (B, L) long: k > 0 = a token of the batch's k-th image (placeholder order), 0 = not one
     labels: torch.Tensor | None  # (B, L) long, IGNORE_INDEX on image tokens and padding
 
 
@@ -98,8 +100,9 @@ def splice_images(
         return out.view(B, L)
 
     segments = scatter(attention_mask, 0, attention_mask[is_image])
-    mm_token_type_ids = torch.zeros(B * L, dtype=torch.long, device=device)
-    mm_token_type_ids[image_slots] = 1
+    image_ids = torch.zeros(B * L, dtype=torch.long, device=device)
+    image_ids[image_slots] = torch.repeat_interleave(torch.arange(1, len(image_tokens) + 1, device=device),
+                                                     image_lengths)
     spliced_labels = None
     if labels is not None:
         spliced_labels = scatter(labels.long(), IGNORE_INDEX, IGNORE_INDEX)
@@ -107,6 +110,7 @@ def splice_images(
         inputs_embeds=inputs_embeds,
         attention_mask=segments,
         position_ids=positions_from_segments(segments),
-        mm_token_type_ids=mm_token_type_ids.view(B, L),
+        mm_token_type_ids=(image_ids > 0).long().view(B, L),
+        image_ids=image_ids.view(B, L),
         labels=spliced_labels,
     )

@@ -60,7 +60,8 @@ def relation_qa(rng: random.Random, objects: tuple[SceneObject, ...], answer_yes
 def make_qa(rng: random.Random, layout: Layout, relation_yes: bool | None) -> tuple[QA, ...]:
     """Every applicable question type once, in QA_TYPES order; relation only when `relation_yes` is given."""
     objects = layout.objects
-    about_color, about_shape = rng.choice(objects), rng.choice(objects)
+    # about different objects when there are several: one cannot then give the other away (`training_turns`)
+    about_color, about_shape = rng.sample(objects, 2) if len(objects) > 1 else (objects[0], objects[0])
     qa = [
         QA("color", f"what color is the {about_color.shape} ?", about_color.color),
         QA("shape", f"what shape is the {about_shape.color} object ?", about_shape.shape),

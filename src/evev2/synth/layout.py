@@ -1,8 +1,11 @@
 """The synthetic world's contents and layout: what is in a scene and where, before any pixel is drawn.
 
-Sizes are chosen for a tiny VLM on CPU: one token covers 32x32 px, so every shape is at least 32 px wide and text
-is at least 28 px high; canvases are multiples of 32 between 96 and 320 px in several aspect ratios. Levels form a
-curriculum; level 3 is the full world and the held-out distribution.
+Sizes are chosen for a tiny VLM on CPU, whose every token covers one 32x32 px cell: the canvas is a grid of cells
+(sides multiples of 32 between 96 and 320 px, several aspect ratios), and every item fills whole cells: a shape one or
+two cells wide, drawn `INSET_PX` inside its cells, and a word one cell high. So a token sees either nothing, a whole
+small shape, or the same part (a quarter) of a large one, wherever the item is; the world varies in position, size,
+colour and count, not in how items straddle token borders. Levels form a curriculum; level 3 is the full world and
+the held-out distribution.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ WORDS = (
 )
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 TEXT_COLORS = MappingProxyType({"black": (15, 15, 15), "white": (245, 245, 245)})
-FONT_SIZES = (28, 32, 36, 40)
+FONT_SIZES = (20, 22, 24)  # glyphs at most 23 px high: a word sits inside one row of cells
 WORD_PROBABILITY = 0.5
-EDGE_PX = 4  # free border around the canvas
-GAP_PX = 8  # minimum gap between two items, so every pair is clearly apart on at least one axis
+CELL_PX = 32  # one token of the tiny VLM (patch 16, merge 2)
+INSET_PX = 4  # free margin inside an item's cells: items in neighbouring cells are 8 px apart
 BACKGROUND_RANGE = (100, 160)  # near-grey base, +-BACKGROUND_JITTER per channel
 BACKGROUND_JITTER = 12
 
@@ -52,14 +55,14 @@ class LevelSpec:
     counts: tuple[int, ...]
     sides: tuple[int, ...]
     min_area: int  # smallest canvas area, so that the largest count always fits
-    shape_px: tuple[int, int]  # inclusive range of a shape's side
+    shape_cells: tuple[int, int]  # inclusive range of a shape's side, in cells
 
 
 LEVELS = MappingProxyType({
-    1: LevelSpec(counts=(1,), sides=(96, 128, 160), min_area=96 * 96, shape_px=(40, 64)),
-    2: LevelSpec(counts=(1, 2, 3), sides=(96, 128, 160, 192, 224), min_area=128 * 160, shape_px=(36, 60)),
+    1: LevelSpec(counts=(1,), sides=(96, 128, 160), min_area=96 * 96, shape_cells=(1, 2)),
+    2: LevelSpec(counts=(1, 2, 3), sides=(96, 128, 160, 192, 224), min_area=128 * 160, shape_cells=(1, 2)),
     3: LevelSpec(counts=(1, 2, 3, 4, 5), sides=(96, 128, 160, 192, 224, 256, 288, 320), min_area=160 * 192,
-                 shape_px=(32, 56)),
+                 shape_cells=(1, 2)),
 })
 FULL_WORLD_LEVEL = 3
 
@@ -116,26 +119,36 @@ def _jitter(rng: random.Random, rgb: RGB, amount: int) -> RGB:
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
 
 
-def _apart(a: Box, b: Box) -> bool:
-    return a[2] + GAP_PX <= b[0] or b[2] + GAP_PX <= a[0] or a[3] + GAP_PX <= b[1] or b[3] + GAP_PX <= a[1]
+def _text_cells(word: str, font_size: int) -> int:
+    """Columns of cells a word takes, its glyphs starting `INSET_PX` into the first one."""
+    return -(-(text_extent(word, font_size)[0] + 2 * INSET_PX) // CELL_PX)
 
 
-def _place(rng: random.Random, width: int, height: int, sizes: list[tuple[int, int]], tries: int) -> list[Box] | None:
-    """Rejection-sample non-overlapping boxes for the given (w, h) sizes, in order; None when one does not fit."""
-    boxes: list[Box] = []
+def _cell_box(corner: tuple[int, int], side: int) -> Box:
+    """The pixel box of a shape filling `side` x `side` cells from cell `corner`, `INSET_PX` inside them."""
+    x0, y0 = corner[0] * CELL_PX + INSET_PX, corner[1] * CELL_PX + INSET_PX
+    return x0, y0, x0 + side * CELL_PX - 2 * INSET_PX, y0 + side * CELL_PX - 2 * INSET_PX
+
+
+def _place(rng: random.Random, columns: int, rows: int, sizes: list[tuple[int, int]], tries: int
+           ) -> list[tuple[int, int]] | None:
+    """Rejection-sample the top-left cells of non-overlapping blocks of the given (w, h) cell sizes, in order; None
+    when one does not fit."""
+    taken: set[tuple[int, int]] = set()
+    corners: list[tuple[int, int]] = []
     for w, h in sizes:
-        if w > width - 2 * EDGE_PX or h > height - 2 * EDGE_PX:
+        if w > columns or h > rows:
             return None
         for _ in range(tries):
-            x0 = rng.randint(EDGE_PX, width - EDGE_PX - w)
-            y0 = rng.randint(EDGE_PX, height - EDGE_PX - h)
-            box = (x0, y0, x0 + w, y0 + h)
-            if all(_apart(box, other) for other in boxes):
-                boxes.append(box)
+            cx, cy = rng.randint(0, columns - w), rng.randint(0, rows - h)
+            cells = {(cx + i, cy + j) for i in range(w) for j in range(h)}
+            if not cells & taken:
+                taken |= cells
+                corners.append((cx, cy))
                 break
         else:
             return None
-    return boxes
+    return corners
 
 
 def _canvas(rng: random.Random, spec: LevelSpec) -> tuple[int, int]:
@@ -161,24 +174,28 @@ def sample_layout(rng: random.Random, level: int) -> Layout:
     shape_names = rng.sample(SHAPES, count)
     word = rng.choice(WORDS) if rng.random() < WORD_PROBABILITY else None
     text_color = rng.choice(sorted(TEXT_COLORS))
-    fitting = [f for f in FONT_SIZES if word is not None and text_extent(word, f)[0] <= width - 2 * EDGE_PX]
+    columns, rows = width // CELL_PX, height // CELL_PX
+    fitting = [f for f in FONT_SIZES if word is not None and _text_cells(word, f) <= columns]
     for _ in range(200):
-        sides = [rng.randint(*spec.shape_px) for _ in range(count)]
-        sizes = [(s, s) for s in sides]
+        sides = [rng.randint(*spec.shape_cells) for _ in range(count)]
+        sizes = [(side, side) for side in sides]
         font_size = 0
         if word is not None:
             font_size = rng.choice(fitting)
-            sizes.insert(0, text_extent(word, font_size))  # the widest item goes first: it is the hardest to fit
-        boxes = _place(rng, width, height, sizes, tries=30)
-        if boxes is not None:
+            sizes.insert(0, (_text_cells(word, font_size), 1))  # the widest item goes first: it is the hardest to fit
+        corners = _place(rng, columns, rows, sizes, tries=30)
+        if corners is not None:
             break
     else:
         raise RuntimeError(f"cannot place {count} objects on a {width}x{height} canvas at level {level}")
     text = None
     if word is not None:
-        text = SceneText(word, TEXT_COLORS[text_color], boxes.pop(0), font_size)
+        cx, cy = corners.pop(0)
+        w, h = text_extent(word, font_size)
+        x0, y0 = cx * CELL_PX + INSET_PX, cy * CELL_PX + (CELL_PX - h) // 2
+        text = SceneText(word, TEXT_COLORS[text_color], (x0, y0, x0 + w, y0 + h), font_size)
     objects = tuple(
-        SceneObject(shape, color, _jitter(rng, COLORS[color], COLOR_JITTER), box)
-        for shape, color, box in zip(shape_names, color_names, boxes)
+        SceneObject(shape, color, _jitter(rng, COLORS[color], COLOR_JITTER), _cell_box(corner, side))
+        for shape, color, corner, side in zip(shape_names, color_names, corners, sides)
     )
     return Layout(width, height, background, objects, text)

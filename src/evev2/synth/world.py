@@ -47,7 +47,7 @@ class Scene:
     layout: Layout
     qa: tuple[QA, ...]
     caption: str
-    conversation: tuple[tuple[str, str], ...]  # (question, answer) turns in the order they are asked
+    conversation: tuple[tuple[str, str], ...]  # (question, answer) training turns in the order they are asked
     image: Image.Image | None
 
     @property
@@ -76,6 +76,33 @@ def _check_split_level(split: str, level: int) -> None:
     level_spec(level)
 
 
+CAPTION_ALONE = 0.25  # share of training conversations that are a caption
+
+
+def training_turns(rng: random.Random, qa: tuple[QA, ...], caption: str, objects: int) -> list[tuple[str, str]]:
+    """The training conversation of a scene: the caption alone (one scene in `CAPTION_ALONE`), or its questions in a
+    random order in which no answer can be read off the text of an earlier turn.
+
+    Evaluation asks each question alone, so a question that training answers by copying from the conversation (the
+    caption names every shape; "what shape is the red object ? star" answers a later "what color is the star ?")
+    teaches copying, not looking. So: the caption, which states everything, is a conversation of its own; the relation
+    question, which names two objects' colours and shapes, comes after the colour and shape questions; and when the
+    colour and shape questions are about the same object (a one-object scene; `make_qa` picks two objects otherwise),
+    only one of them is asked.
+    """
+    if rng.random() < CAPTION_ALONE:
+        return [(CAPTION_PROMPT, caption)]
+    by_type = {item.type: item for item in qa}
+    if objects == 1:
+        del by_type[rng.choice(["color", "shape"])]
+    relation = by_type.pop("relation", None)
+    turns = [(item.question, item.answer) for item in by_type.values()]
+    rng.shuffle(turns)
+    if relation is not None:
+        turns.append((relation.question, relation.answer))
+    return turns
+
+
 def iter_scenes(seed: int = 0, level: int = FULL_WORLD_LEVEL, split: Split = "train",
                 render: bool = True) -> Iterator[Scene]:
     """An endless, deterministic stream of scenes; `render=False` skips drawing (for text-only corpora).
@@ -96,8 +123,7 @@ def iter_scenes(seed: int = 0, level: int = FULL_WORLD_LEVEL, split: Split = "tr
             relation_yes = relation_bag.pop()
         qa = make_qa(rng, layout, relation_yes)
         caption = make_caption(layout)
-        turns = [(item.question, item.answer) for item in qa] + [(CAPTION_PROMPT, caption)]
-        rng.shuffle(turns)
+        turns = training_turns(rng, qa, caption, len(layout.objects))
         image = render_layout(layout) if render else None
         yield Scene(index, split, level, layout, qa, caption, tuple(turns), image)
 

@@ -36,6 +36,7 @@ from evev2.constants import IGNORE_INDEX
 from evev2.model.weights import AtomicFolder
 from evev2.distributed import distributed_session, init_distributed
 from evev2.train.checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from evev2.train.lora import export_lora
 from evev2.train.parallel import build_training_model
 from evev2.train.recipe import Recipe, load_recipe
 from evev2.train.record import check_resume, write_run_record
@@ -113,10 +114,15 @@ class Trainer:
         attention = recipe.model.attn_implementation
         if attention == "auto":  # packed rows need a block-causal mask; SDPA with a boolean mask is slow on GPU
             attention = "flex_attention" if cuda else "sdpa"
-        log.info("attention: %s over packed rows (block-causal, one sample never attends to another)", attention)
         compile = cuda if train.compile == "auto" else train.compile
+        overrides = {"image_attention": recipe.model.image_attention} if recipe.model.image_attention else {}
         self.model, self.trainable = build_training_model(recipe.model.source, self.device, attention, train.trainable,
-                                                          self.compute_dtype, train.activation_checkpointing, compile)
+                                                          self.compute_dtype, train.activation_checkpointing, compile,
+                                                          overrides, recipe.lora, train.seed)
+        log.info("attention: %s over packed rows (block-causal, one sample never attends to another), %s image "
+                 "attention", attention, self.model.config.image_attention)
+        log.info("trainable parameters: %s", ", ".join(f"{g} {sum(p.numel() for _, p in params):,}"
+                                                       for g, params in self.trainable.items()))
         self.autocast = cuda and self.world == 1 and self.compute_dtype != torch.float32  # FSDP2 casts by itself
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -296,13 +302,18 @@ class Trainer:
         self._stop_requested = True
 
     def export(self, folder: Path) -> Path:
-        """An HF `save_pretrained` folder (safetensors + config + processor) that the next stage loads."""
+        """An HF `save_pretrained` folder (safetensors + config + processor) that the next stage loads; after LoRA, the
+        adapters merged into it, or a PEFT adapter folder (`lora.export`, see `export_lora`)."""
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            if self.model.config.tie_word_embeddings:  # gathered copies no longer share storage for HF to notice
-                state.pop("lm_head.weight", None)
             with AtomicFolder(folder, overwrite=True) as tmp:
-                self.model.save_pretrained(tmp, state_dict=state)
+                if self.recipe.lora:
+                    export_lora(state, self.model.config, self.recipe.lora, self.recipe.train.trainable,
+                                self.recipe.model.source, tmp)
+                else:
+                    if self.model.config.tie_word_embeddings:  # gathered copies no longer share storage for HF
+                        state.pop("lm_head.weight", None)
+                    self.model.save_pretrained(tmp, state_dict=state)
                 self.processor.save_pretrained(tmp)
         if dist.is_initialized():
             dist.barrier()

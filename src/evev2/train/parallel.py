@@ -4,13 +4,15 @@ One FSDP unit per decoder layer, one for the patch embedding (it may run alone o
 the root (embeddings, final norm, LM head). bf16 compute with fp32 master weights and fp32 gradient reduction on GPU.
 
 Under torchrun the model is never whole on any rank but 0 (`build_training_model`): it is built on the meta device,
-frozen by group, sharded, materialised shard by shard, and rank 0 alone reads the checkpoint and broadcasts it.
+given its adapters, frozen by group, sharded, materialised shard by shard, and rank 0 alone reads the checkpoint and
+broadcasts it.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,8 +22,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from evev2.model import EVEConfig, EVEForCausalLM
-from evev2.model.weights import iter_safetensors
 from evev2.train.groups import freeze_except
+from evev2.train.lora import add_lora
+from evev2.train.recipe import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,43 +60,51 @@ def parallelize(model: EVEForCausalLM, device: torch.device, compute_dtype: torc
 
 
 def build_training_model(source: str | Path, device: torch.device, attn_implementation: str, trainable: list[str],
-                         compute_dtype: torch.dtype, activation_checkpointing: bool, compile: bool = False
+                         compute_dtype: torch.dtype, activation_checkpointing: bool, compile: bool = False,
+                         overrides: dict[str, Any] | None = None, lora: LoraSpec | None = None, seed: int = 0
                          ) -> tuple[EVEForCausalLM, dict[str, list[tuple[str, nn.Parameter]]]]:
     """The parallelized model in train mode (fp32 master weights) and its trainable groups (`freeze_except`), holding
     the parameters the optimiser must see: FSDP2's sharded ones under torchrun.
 
+    `overrides`: EVEConfig fields set on the source's config (a recipe's `model.image_attention`). `lora`: adapters on
+    the linear layers of its roles (`add_lora`, drawn from `seed`), trained as the `lora` group beside `trainable`.
+
     One process loads as usual. Under torchrun a full fp32 copy on every rank would not fit at 7B (28 GB each), so the
     model is built on the meta device and sharded before any weight exists; rank k > 0 then peaks at its shard plus
-    one broadcast tensor, and only rank 0 holds the checkpoint.
+    one broadcast tensor, and only rank 0 loads the model as one process does, to broadcast it.
     """
+    overrides = overrides or {}
+    trainable = [*trainable, "lora"] if lora else trainable
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        model = EVEForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn_implementation)
+        model = load_model(source, attn_implementation, overrides, lora, seed)
         groups = freeze_except(model, trainable)
         model.to(device).train()
         model = parallelize(model, device, compute_dtype, activation_checkpointing, compile)
     else:
         with torch.device("meta"):
-            model = EVEForCausalLM._from_config(EVEConfig.from_pretrained(source), dtype=torch.float32,
+            model = EVEForCausalLM._from_config(EVEConfig.from_pretrained(source, **overrides), dtype=torch.float32,
                                                 attn_implementation=attn_implementation)
+        if lora:
+            add_lora(model, lora, seed)
         groups = freeze_except(model, trainable)  # requires_grad is carried into the sharded parameters
         model.train()
         model = parallelize(model, device, compute_dtype, activation_checkpointing, compile)
         model.to_empty(device=device)  # uninitialised local shards (and buffers), tied parameters still one
         _recompute_rotary_buffers(model)
-        full = _read_checkpoint(Path(source), model.all_tied_weights_keys) if dist.get_rank() == 0 else {}
+        full = load_model(source, attn_implementation, overrides, lora, seed).state_dict() \
+            if dist.get_rank() == 0 else {}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                    strict=True))
     current = dict(model.named_parameters(remove_duplicate=False))  # FSDP2 swaps in sharded parameters
     return model, {g: [(n, current[n]) for n, _ in params] for g, params in groups.items()}
 
 
-def _read_checkpoint(folder: Path, tied: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Every weight of a saved model folder (all safetensors shards) in fp32, with the tied copies the file omits
-    (`tied`: target -> source name), as the strict full state dict `set_model_state_dict` expects."""
-    weights = {name: tensor.float() for name, tensor in iter_safetensors(folder)}
-    for target, tied_source in tied.items():
-        weights.setdefault(target, weights[tied_source])
-    return weights
+def load_model(source: str | Path, attn_implementation: str, overrides: dict[str, Any], lora: LoraSpec | None,
+               seed: int) -> EVEForCausalLM:
+    """The model one process trains, on the CPU in fp32: the source with `overrides`, and adapters if `lora`."""
+    model = EVEForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn_implementation,
+                                           **overrides)
+    return add_lora(model, lora, seed) if lora else model
 
 
 @torch.no_grad()

@@ -29,6 +29,8 @@ RECIPE_PACKAGE = "evev2.recipes"
 
 #: Trainable parameter groups, selected by role (see `evev2.train.groups`).
 GROUPS = ("patch_embed", "vision", "text", "embeddings")
+#: The roles whose linear layers can get LoRA adapters instead of being trained fully.
+LORA_GROUPS = ("text", "vision")
 
 
 class RecipeError(UserError, ValueError):
@@ -53,6 +55,9 @@ class ModelSpec:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # auto: FlexAttention with a block-causal (packed) mask on GPU, SDPA with a boolean block mask on CPU
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    # how image tokens attend (`EVEConfig.image_attention`), set on the model when it is loaded and kept in its export;
+    # unset: as the source's config says
+    image_attention: Literal["causal", "bidirectional"] | None = None
 
 
 @dataclass
@@ -95,6 +100,35 @@ class TrainSpec:
 
 
 @dataclass
+class LoraSpec:
+    """LoRA adapters (PEFT) on every linear layer of the decoder roles in `groups`, whose weights stay frozen;
+    `train.trainable` may still train other groups fully (e.g. the patch embedding)."""
+
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input
+    groups: list[str] = field(default_factory=lambda: list(LORA_GROUPS))
+    # merged: adapters folded into a plain EVEv2 folder; adapters: a PEFT adapter folder (`PeftModel.from_pretrained`
+    # on the base model, with the fully trained groups in it as `modules_to_save`)
+    export: Literal["merged", "adapters"] = "merged"
+
+    def validate(self, trainable: list[str]) -> None:
+        bad = [g for g in self.groups if g not in LORA_GROUPS]
+        if bad or not self.groups:
+            raise RecipeError(f"lora.groups: unknown or empty groups {bad}; choose from {list(LORA_GROUPS)}")
+        if both := sorted(set(self.groups) & set(trainable)):
+            raise RecipeError(f"lora.groups and train.trainable both name {both}: a group gets adapters or is trained "
+                              "fully, not both")
+        if self.export == "adapters" and (full := sorted(set(trainable) & set(LORA_GROUPS))):
+            raise RecipeError(f"lora.export = \"adapters\" with train.trainable {full}: an adapter folder holds "
+                              "adapters and small fully trained modules (patch_embed, embeddings); export \"merged\" "
+                              "instead")
+        if self.rank <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise RecipeError(f"lora: rank and alpha must be positive and dropout in [0, 1), got rank {self.rank}, "
+                              f"alpha {self.alpha}, dropout {self.dropout}")
+
+
+@dataclass
 class CheckpointSpec:
     every: int = 0  # steps between checkpoints; 0 = only at the end / on SIGTERM
     keep_last: int = 2
@@ -108,14 +142,18 @@ class Recipe:
     optim: OptimSpec
     train: TrainSpec
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    lora: LoraSpec | None = None
     output: str = "runs/out"
 
     def validate(self) -> Recipe:
         bad = [g for g in self.train.trainable if g not in GROUPS]
-        if bad or not self.train.trainable:
+        if bad or not (self.train.trainable or self.lora):
             raise RecipeError(f"train.trainable: unknown or empty groups {bad}; choose from {list(GROUPS)}")
-        if unknown := set(self.optim.group_lr) - set(GROUPS):
-            raise RecipeError(f"optim.group_lr: unknown groups {sorted(unknown)}; choose from {list(GROUPS)}")
+        lr_groups = [*GROUPS, "lora"] if self.lora else list(GROUPS)
+        if unknown := set(self.optim.group_lr) - set(lr_groups):
+            raise RecipeError(f"optim.group_lr: unknown groups {sorted(unknown)}; choose from {lr_groups}")
+        if self.lora:
+            self.lora.validate(self.train.trainable)
         for name, value in (("train.steps", self.train.steps), ("train.global_batch", self.train.global_batch),
                             ("train.micro_batch_rows", self.train.micro_batch_rows),
                             ("data.token_budget", self.data.token_budget), ("optim.lr", self.optim.lr)):
@@ -134,6 +172,8 @@ def _build(cls: type, value: Any, where: str) -> Any:
     """Recursively turn TOML values into the dataclass `cls`, checking names and types."""
     origin, args = typing.get_origin(cls), typing.get_args(cls)
     if origin in (typing.Union, types.UnionType):  # e.g. `int | Literal["auto"]`: the first arm that accepts it
+        if len(arms := [arm for arm in args if arm is not type(None)]) == 1:  # `X | None`: TOML has no null, so X
+            return _build(arms[0], value, where)
         for arm in args:
             try:
                 return _build(arm, value, where)

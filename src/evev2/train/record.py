@@ -64,7 +64,7 @@ def write_run_record(output: Path, recipe: Recipe, *, world_size: int, device: s
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    table = dataclasses.asdict(recipe)
+    table = _without_unset(dataclasses.asdict(recipe))
     jsonio.write_text_atomic(output / RESOLVED_RECIPE, _HEADER + tomli_w.dumps(table))
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -81,6 +81,12 @@ def write_run_record(output: Path, recipe: Recipe, *, world_size: int, device: s
     launches = jsonio.read_json(log)["launches"] if log.exists() else []
     jsonio.write_json(log, {"launches": [*launches, entry]})
     return entry
+
+
+def _without_unset(table: dict[str, Any]) -> dict[str, Any]:
+    """The table without its None fields (an absent section, `model.image_attention` left to the model): TOML has no
+    null, and a field left out loads back as None."""
+    return {k: _without_unset(v) if isinstance(v, dict) else v for k, v in table.items() if v is not None}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
