@@ -3,7 +3,7 @@ the cost of bidirectional attention inside the image (`image_attention="bidirect
 
 Same tokens for all: 2 sequences x 1024 tokens, 80% image tokens, forward + backward of the decoder stack
 (hidden states -> a scalar), so that the comparison isolates routing and is not skewed by the LM head.
-Goals (issue 2): routed / dense <= 1.10, mask-blend / routed >= 1.6.
+Goals: routed / dense <= 1.10, mask-blend / routed >= 1.6.
 """
 
 from __future__ import annotations

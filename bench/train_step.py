@@ -1,7 +1,7 @@
 """A full training step (forward, backward, AdamW) of our EVEv2 against HF's Qwen2 on the same tokens, on CPU.
 
 Each sample is one 512x640 image (337 tokens) plus 80 supervised text tokens, so ~80% of the tokens are image tokens,
-as in the GPU anchor of issue 9. Three models of the same dims, each in its own process for an honest peak-memory read:
+as in the GPU anchor. Three models of the same dims, each in its own process for an honest peak-memory read:
 * dense Qwen2 (HF `Qwen2ForCausalLM` on `inputs_embeds`, full-vocabulary logits, HF loss);
 * ours: index-routed EVEv2.0, LM head on supervised tokens only;
 * the official formulation: mask-blend routing (both copies on every token) and full fp32 logits on every position;

@@ -1,6 +1,6 @@
 """`evev2 demo --quick`: the whole pipeline end to end (world, stage-0 LLM, convert, four stages, held-out eval).
 
-One quick run is shared by every test; it takes about a minute and a half on 2 cores.
+One quick run is shared by every test; it takes about two minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def test_stage_overrides_move_recipe_paths_onto_the_output(tmp_path):
     recipe = load_recipe(RECIPES / "stage2_2.toml", stage_overrides(RECIPES / "stage2_2.toml", tmp_path, 7, ()))
     assert recipe.model.source == str(tmp_path / "stage2_1" / "export")
     assert recipe.output == str(tmp_path / "stage2_2")
-    assert [s.path for s in recipe.data.sources] == [str(tmp_path / "world" / "level2" / "train.json"),
-                                                     str(tmp_path / "world" / "level3" / "train.json")]
+    assert [s.path for s in recipe.data.sources] == [str(tmp_path / "world" / f"level{n}" / "train.json")
+                                                     for n in (1, 2, 3)]
     assert recipe.train.steps == 7 and recipe.train.trainable == ["patch_embed", "vision", "text", "embeddings"]
 
 

@@ -86,6 +86,22 @@ def test_text_only_matches_hf_qwen2(split):
     torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-5)
 
 
+def test_an_image_free_training_batch_gives_every_weight_a_zero_gradient_and_the_same_loss():
+    """Under FSDP2 every rank must reduce the same gradients, images or not: the model keeps all of them in the graph."""
+    model = build(["norm", "attn", "mlp"])
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    eval_loss = model(input_ids=ids, labels=ids).loss
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert loss.item() == eval_loss.item()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    vision = [n for n in grads if "patch_embed" in n or ".vision_" in n]
+    assert vision and all(not grads[n].any() for n in vision)
+    assert any(grads[n].any() for n in grads if n not in vision)
+
+
 def test_token_count_and_layout():
     config = tiny_eve_config()
     model = EVEForCausalLM(config).eval()

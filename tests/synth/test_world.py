@@ -264,6 +264,15 @@ def test_caption_pairs_file_feeds_the_plain_template(tmp_path):
         assert human == {"from": "human", "value": "<image>"} and gpt == {"from": "gpt", "value": record["caption"]}
 
 
+def test_every_question_type_opens_some_training_conversations(train_scenes):
+    """Evaluation asks each question alone: training must ask each type first, too."""
+    firsts = Counter()
+    for scene in train_scenes:
+        kinds = {item.question: item.type for item in scene.qa}
+        firsts[kinds.get(scene.conversation[0][0], "caption")] += 1
+    assert set(firsts) == {"caption", *QA_TYPES}, firsts
+
+
 def test_no_training_answer_can_be_read_off_an_earlier_turn(train_scenes):
     """Evaluation asks each question alone: training must not let an answer be copied from the conversation."""
     for scene in train_scenes[:1000]:
@@ -273,8 +282,8 @@ def test_no_training_answer_can_be_read_off_an_earlier_turn(train_scenes):
             continue
         kinds = {item.question: item.type for item in scene.qa}
         order = [kinds[q] for q, _ in turns]
-        if "relation" in order:  # it names two objects' colours and shapes
-            assert order[-1] == "relation"
+        if "relation" in order:  # it names two objects' colours and shapes: last, or first without them
+            assert order[-1] == "relation" or (order[0] == "relation" and not {"color", "shape"} & set(order))
         for question, answer in turns:
             earlier = " ".join(f"{q} {a}" for q, a in turns[:turns.index((question, answer))])
             if kinds[question] in ("shape", "color", "text"):

@@ -1,4 +1,4 @@
-"""Issue 16 acceptance: a training set with one record of every bad kind trains to the end, and the guard stops a run.
+"""A training set with one record of every bad kind trains to the end, and the guard stops a run.
 
 40 LLaVA records in JSONL: 12 bad ones (each kind once) among 28 good ones (CMYK JPEG, 16-bit PNG, EXIF-rotated JPEG,
 palette GIF, RGBA PNG, emoji / right-to-left / combining-mark text, multi-turn, text-only). 5 steps of 8 records

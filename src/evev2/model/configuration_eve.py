@@ -7,6 +7,8 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2Config
 
+from evev2.constants import IMAGE_TOKEN_INDEX
+
 #: Modules that may get a vision copy. EVEv1.0 = (), EVEv1.5 = ("mlp",), EVEv2.0 = all three.
 ROUTABLE_MODULES = ("norm", "attn", "mlp")
 #: How image tokens attend (`EVEConfig.image_attention`).
@@ -55,7 +57,7 @@ class EVEConfig(Qwen2Config):
     patch_size: int = 16
     patch_merge: int = 2
     patch_hidden_size: int = 1024
-    image_token_index: int = -200
+    image_token_index: int = IMAGE_TOKEN_INDEX
     modality_split: list[str] | tuple[str, ...] = ROUTABLE_MODULES
     vision_mlp_reparam: bool = False
     attention_bias: bool = True

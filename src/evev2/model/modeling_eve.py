@@ -28,12 +28,13 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import can_return_tuple
 
+from evev2.constants import IGNORE_INDEX
 from evev2.model.configuration_eve import EVEConfig
 from evev2.model.loss import linear_cross_entropy_sum
 from evev2.model.patch_embed import EVEPatchEmbedding
 from evev2.model.reparam import GatedVisionDelta
 from evev2.model.routing import ModalityRouter
-from evev2.model.splice import IGNORE_INDEX, SplicedInputs, is_left_padded, positions_from_segments, splice_images
+from evev2.model.splice import SplicedInputs, is_left_padded, positions_from_segments, splice_images
 
 
 def _vision_copy(config: EVEConfig, part: str, make: Callable[[], nn.Module]) -> nn.Module | None:
@@ -170,6 +171,16 @@ class EVEModel(EVEPreTrainedModel):
         return splice_images(input_ids, self.patch_embed(images), text_embeds, self.config.image_token_index,
                              attention_mask, labels, padding_side)
 
+    def blank_image_embedding(self) -> torch.Tensor:
+        """A scalar that keeps the patch embedding in the graph with zero gradient on an image-free training batch.
+
+        Like the router's `keep_both`: under FSDP2 every rank must reduce the same gradients, whether or not its
+        micro-batch had images.
+        """
+        step = self.config.image_pixels_per_token
+        blank = torch.zeros(3, step, step, device=self.embed_tokens.weight.device)
+        return self.patch_embed([blank])[0].sum()
+
     def image_inputs(
         self,
         images: list[torch.Tensor] | None,
@@ -239,6 +250,8 @@ class EVEModel(EVEPreTrainedModel):
                 if (input_ids == self.config.image_token_index).any():
                     raise ValueError("input_ids contain image placeholders but no images were given")
                 inputs_embeds = self.embed_tokens(input_ids)
+                if self.training and torch.is_grad_enabled():
+                    inputs_embeds = inputs_embeds + 0.0 * self.blank_image_embedding()
         B, L, _ = inputs_embeds.shape
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)

@@ -77,6 +77,7 @@ def _check_split_level(split: str, level: int) -> None:
 
 
 CAPTION_ALONE = 0.25  # share of training conversations that are a caption
+RELATION_FIRST = 0.25  # share of the others (with a relation) that open with it, as evaluation asks it
 
 
 def training_turns(rng: random.Random, qa: tuple[QA, ...], caption: str, objects: int) -> list[tuple[str, str]]:
@@ -86,9 +87,10 @@ def training_turns(rng: random.Random, qa: tuple[QA, ...], caption: str, objects
     Evaluation asks each question alone, so a question that training answers by copying from the conversation (the
     caption names every shape; "what shape is the red object ? star" answers a later "what color is the star ?")
     teaches copying, not looking. So: the caption, which states everything, is a conversation of its own; the relation
-    question, which names two objects' colours and shapes, comes after the colour and shape questions; and when the
-    colour and shape questions are about the same object (a one-object scene; `make_qa` picks two objects otherwise),
-    only one of them is asked.
+    question, which names two objects' colours and shapes, comes after the colour and shape questions, or opens the
+    conversation without them (one in `RELATION_FIRST`: a question never asked first in training is one the model
+    cannot answer alone); and when the colour and shape questions are about the same object (a one-object scene;
+    `make_qa` picks two objects otherwise), only one of them is asked.
     """
     if rng.random() < CAPTION_ALONE:
         return [(CAPTION_PROMPT, caption)]
@@ -96,10 +98,12 @@ def training_turns(rng: random.Random, qa: tuple[QA, ...], caption: str, objects
     if objects == 1:
         del by_type[rng.choice(["color", "shape"])]
     relation = by_type.pop("relation", None)
-    turns = [(item.question, item.answer) for item in by_type.values()]
+    relation_first = relation is not None and rng.random() < RELATION_FIRST
+    turns = [(item.question, item.answer) for item in by_type.values()
+             if not (relation_first and item.type in ("color", "shape"))]
     rng.shuffle(turns)
     if relation is not None:
-        turns.append((relation.question, relation.answer))
+        turns.insert(0 if relation_first else len(turns), (relation.question, relation.answer))
     return turns
 
 

@@ -215,10 +215,6 @@ class Trainer:
             loss = self.model(input_ids=to_device(batch["input_ids"]), images=images,
                               attention_mask=to_device(batch["attention_mask"]), labels=labels,
                               num_items_in_batch=num_items).loss
-            if not images and "patch_embed" in self.trainable:
-                # keep the patch embedding in the graph (zero gradient) so that all ranks reduce the same tensors
-                dummy_image = torch.zeros(3, 32, 32, device=self.device)
-                loss = loss + 0.0 * self.model.model.patch_embed([dummy_image])[0].sum()
         # FSDP averages gradients over ranks; the loss is already normalised by the global token count
         (loss * self.world).backward()
         return loss.detach()
