@@ -103,20 +103,21 @@ def _add_function(parser: argparse.ArgumentParser, fn: Callable) -> None:
             parser.add_argument(flag, dest=name, default=param.default, **common)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+    """The `evev2` parser and the subparser of every command (keyed like COMMANDS), flags not yet attached."""
     parser = argparse.ArgumentParser(prog="evev2", description="Encoder-free vision-language models (EVEv2.0).")
     parser.add_argument("--debug", dest="_debug", action="store_true", help=DEBUG_HELP)
-    tree: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command", required=True)}
-    groups: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    tree = {(): parser.add_subparsers(dest="command", required=True)}  # command prefix -> its subparsers action
+    commands: dict[tuple[str, ...], argparse.ArgumentParser] = {}
     for words, (target, help_text) in sorted(COMMANDS.items()):
         for depth in range(1, len(words)):
             prefix = words[:depth]
-            if prefix not in groups:
-                groups[prefix] = tree[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
-                tree[prefix] = groups[prefix].add_subparsers(dest="_".join(prefix), required=True)
-        sub = tree[words[:-1]].add_parser(words[-1], help=help_text)
-        sub.set_defaults(_target=target)
-    return parser
+            if prefix not in tree:
+                group = tree[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
+                tree[prefix] = group.add_subparsers(dest="_".join(prefix), required=True)
+        commands[words] = tree[words[:-1]].add_parser(words[-1], help=help_text)
+        commands[words].set_defaults(_target=target)
+    return parser, commands
 
 
 def _resolve(target: str) -> Callable:
@@ -124,22 +125,14 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def command_parser(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> argparse.ArgumentParser:
-    """The subparser of the command `words` (a key of COMMANDS) in `build_parser()`'s tree."""
-    for word in words:
-        parser = next(a for a in parser._subparsers._group_actions
-                      if isinstance(a, argparse._SubParsersAction)).choices[word]
-    return parser
-
-
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser, commands = build_parser()
     # Find the subcommand the words name, then attach its typed flags before the full parse.
     words = tuple(a for a in argv if not a.startswith("-"))
     for n in range(len(words), 0, -1):
         if words[:n] in COMMANDS:
-            sub = command_parser(parser, words[:n])
+            sub = commands[words[:n]]
             _add_function(sub, _resolve(COMMANDS[words[:n]][0]))
             sub.add_argument("--debug", dest="_debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
             break
