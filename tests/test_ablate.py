@@ -164,3 +164,12 @@ def test_verdict_is_computed_from_the_numbers():
     assert bidirectional_verdict(summarize(agree + [_run("v2.0-bidir", 0.7, 0.9, 3.0)]))["outcome"] == "MIXED"
     assert bidirectional_verdict(summarize(agree + [_run("v2.0-bidir", 0.5, 0.9, 3.0)]))["outcome"] == "HURTS"
     assert bidirectional_verdict(summarize(agree))["lines"] == []
+    # two seeds each: a difference counts only beyond the larger spread; one seed never does
+    assert not bidir["beyond_spread"] and "one seed" in bidir["lines"][0]
+    two_seeds = agree + [_run("v2.0-bidir", 0.7, 0.7, 3.0), _run("v2.0-bidir", 0.7, 0.7, 3.0)]
+    clear = bidirectional_verdict(summarize(two_seeds))
+    assert clear["beyond_spread"] and "beyond the seed spread" in clear["lines"][0]
+    noisy = agree + [_run("v2.0-bidir", 0.3, 0.9, 3.0), _run("v2.0-bidir", 1.1, 0.5, 3.0)]
+    unclear = bidirectional_verdict(summarize(noisy))
+    assert unclear["outcome"] == "HELPS" and not unclear["beyond_spread"]
+    assert "within the seed spread" in unclear["lines"][0]

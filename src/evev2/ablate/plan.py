@@ -2,11 +2,10 @@
 
 Every variant gets the same stage-2 steps on the same samples in the same order, hence the same training tokens, and
 then the same SFT steps on the same samples (the paper's protocol: VQA is measured after a shared SFT stage, since a
-variant whose LLM stayed frozen in stage 2 cannot answer questions yet). The full plan takes about 23 minutes on 2 CPU
-cores with one seed (measured 2026-11-27: 65 s for world, stage 0 and stage 1; per variant 200-230 s of stage 2 (300
-steps), 6 s of caption loss and perplexity, 82-90 s of SFT (100 steps) and 23-26 s of evaluation), with the four
-paper variants; the fifth, v2.0-bidir, and its own stage 1 add about 6 minutes by those numbers (not yet measured).
-A second seed does not fit in 30 minutes. `--quick` is the half-minute version the tests run.
+variant whose LLM stayed frozen in stage 2 cannot answer questions yet). The full plan takes about 22 minutes on 2 CPU
+cores with one seed and the five variants (measured 2026-12-01: 71 s for world, stage 0 and both stage 1s; per variant
+141-151 s of stage 2 (300 steps), 6 s of caption loss and perplexity, 65-74 s of SFT (100 steps) and 25-29 s of
+evaluation). A second seed does not fit in 30 minutes. `--quick` is the half-minute version the tests run.
 """
 
 from __future__ import annotations

@@ -88,19 +88,27 @@ def verdict(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
 def bidirectional_verdict(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     """Does bidirectional attention inside images help v2.0? From the means, on the same tokens: it helps if v2.0-bidir
     has the lower stage-2 caption loss AND the higher post-SFT VQA accuracy, hurts if neither, and is mixed otherwise.
-    Text perplexity is reported beside it (text-only input is computed the same way in both modes)."""
+    `beyond_spread` says whether both differences exceed the larger seed spread of the two (never with one seed: a
+    single run has no spread to judge a difference against). Text perplexity is reported beside it (text-only input is
+    computed the same way in both modes)."""
     if BIDIRECTIONAL_VARIANT not in summary:
-        return {"checks": {}, "outcome": None, "lines": []}
-    bidir, causal = ({m: s["mean"] for m, s in summary[v].items()} for v in (BIDIRECTIONAL_VARIANT, CLAIM_VARIANT))
-    checks = {"lower_caption_loss": bidir["caption_loss"] < causal["caption_loss"],
-              "higher_accuracy": bidir["overall"] > causal["overall"]}
+        return {"checks": {}, "outcome": None, "beyond_spread": False, "lines": []}
+    bidir, causal = summary[BIDIRECTIONAL_VARIANT], summary[CLAIM_VARIANT]
+    mean = lambda stats, metric: stats[metric]["mean"]  # noqa: E731
+    checks = {"lower_caption_loss": mean(bidir, "caption_loss") < mean(causal, "caption_loss"),
+              "higher_accuracy": mean(bidir, "overall") > mean(causal, "overall")}
     outcome = "HELPS" if all(checks.values()) else "HURTS" if not any(checks.values()) else "MIXED"
-    n = summary[BIDIRECTIONAL_VARIANT]["overall"]["n"]
+    n = min(bidir["overall"]["n"], causal["overall"]["n"])
+    beyond_spread = n > 1 and all(
+        abs(mean(bidir, m) - mean(causal, m)) > max(bidir[m]["spread"], causal[m]["spread"])
+        for m in ("caption_loss", "overall"))
+    noise = ("beyond the seed spread" if beyond_spread else "within the seed spread" if n > 1
+             else "one seed: no spread to tell it from noise")
     lines = [f"bidirectional image attention ({BIDIRECTIONAL_VARIANT} vs {CLAIM_VARIANT}, same tokens, {n} seed(s)): "
-             f"stage-2 caption loss {bidir['caption_loss']:.4f} vs {causal['caption_loss']:.4f}, post-SFT VQA overall "
-             f"{bidir['overall']:.3f} vs {causal['overall']:.3f}, text ppl after SFT {bidir['perplexity_sft']:.3f} vs "
-             f"{causal['perplexity_sft']:.3f} -> {outcome}"]
-    return {"checks": checks, "outcome": outcome, "lines": lines}
+             f"stage-2 caption loss {mean(bidir, 'caption_loss'):.4f} vs {mean(causal, 'caption_loss'):.4f}, post-SFT "
+             f"VQA overall {mean(bidir, 'overall'):.3f} vs {mean(causal, 'overall'):.3f}, text ppl after SFT "
+             f"{mean(bidir, 'perplexity_sft'):.3f} vs {mean(causal, 'perplexity_sft'):.3f} -> {outcome} ({noise})"]
+    return {"checks": checks, "outcome": outcome, "beyond_spread": beyond_spread, "lines": lines}
 
 
 def _cell(stat: dict[str, float], fmt: str) -> str:
