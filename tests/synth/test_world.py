@@ -264,6 +264,19 @@ def test_caption_pairs_file_feeds_the_plain_template(tmp_path):
         assert human == {"from": "human", "value": "<image>"} and gpt == {"from": "gpt", "value": record["caption"]}
 
 
+def test_shapes_file_asks_each_scene_its_shape_alone(tmp_path):
+    manifest = write_world(tmp_path, 12, seed=1, level=1)
+    records = json.loads((tmp_path / "train.json").read_text())
+    shapes = json.loads((tmp_path / manifest["shapes"]).read_text())
+    scenes = generate_world(12, seed=1, level=1)
+    assert [s["image"] for s in shapes] == [r["image"] for r in records]
+    for record, scene in zip(shapes, scenes):
+        shape = next(q for q in scene.qa if q.type == "shape")
+        assert record["conversations"] == [{"from": "human", "value": f"<image>\n{shape.question}"},
+                                           {"from": "gpt", "value": shape.answer}]
+        assert shape.answer == scene.layout.objects[0].shape
+
+
 def test_every_question_type_opens_some_training_conversations(train_scenes):
     """Evaluation asks each question alone: training must ask each type first, too."""
     firsts = Counter()

@@ -1,6 +1,6 @@
 """How big each part of the demo is: world sizes, the stand-in LLM, steps per stage, and the time budget.
 
-The full plan fits a 15-minute budget on a 2-core laptop CPU (measured 2026-12-01: 8.7 minutes end to end);
+The full plan fits a 15-minute budget on a 2-core laptop CPU (measured 2026-12-01: 9.8 minutes end to end);
 `--minutes` scales every step count (and the training world with it) linearly against that budget, and `--quick` is
 the few-minute smoke version the tests run.
 """
@@ -53,7 +53,7 @@ class DemoPlan:
 
 
 FULL_PLAN = DemoPlan(
-    train_images={1: 3000, 2: 6000, 3: 12000},
+    train_images={1: 6000, 2: 6000, 3: 12000},
     heldout_images=500,
     caption_eval_images=100,
     llm=LLMShape(),
@@ -88,7 +88,7 @@ QUICK_PLAN = DemoPlan(
     variant="v2.0",
     stages=(
         StagePlan("stage1.toml", steps=5),
-        StagePlan("stage2_1.toml", steps=20),
+        StagePlan("stage2_1.toml", steps=20, overrides=("data.max_size=96",)),
         StagePlan("stage2_2.toml", steps=300, overrides=QUICK_QA),
         StagePlan("stage3.toml", steps=10, overrides=("data.max_size=128",)),
     ),

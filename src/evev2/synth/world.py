@@ -205,7 +205,8 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
 
     Layout under `out_dir` (one directory can hold both splits):
     `images/{split}/NNNNNN.png`, `{split}.json` (LLaVA records, image paths relative to `out_dir`),
-    `{split}_captions.json` (image-caption pairs for the pretraining stages),
+    `{split}_captions.json` (image-caption pairs for the pretraining stages), `{split}_shapes.json` (each scene's
+    shape question alone: one-turn naming conversations for a perception stage),
     `shards/{split}-NNNNNN.tar` (`NNNNNN.png` + `NNNNNN.json` per sample), `{split}_questions.jsonl` (one
     record per question, for evaluation), `{split}_text.txt`, `{split}_manifest.json`.
     Stale files of an earlier run of the same split are removed first.
@@ -237,6 +238,13 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
         {"from": "human", "value": "<image>"}, {"from": "gpt", "value": r["caption"]}]} for r in records]
     captions_path = out / f"{split}_captions.json"
     captions_path.write_text("[\n" + ",\n".join(json.dumps(r) for r in captions) + "\n]\n", encoding="utf-8")
+    # naming shapes is learnt only from shape questions on their own (measured: mixed with the other questions, the
+    # vision weights learn the answer prior, not the image)
+    shapes = [{"id": r["id"], "image": r["image"], "conversations": [
+        {"from": "human", "value": f"<image>\n{q.question}"}, {"from": "gpt", "value": q.answer}]}
+        for r, scene in zip(records, scenes) for q in scene.qa if q.type == "shape"]
+    shapes_path = out / f"{split}_shapes.json"
+    shapes_path.write_text("[\n" + ",\n".join(json.dumps(r) for r in shapes) + "\n]\n", encoding="utf-8")
     questions_path = out / f"{split}_questions.jsonl"
     questions_path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
     text_path = out / f"{split}_text.txt"
@@ -244,7 +252,8 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     qa_counts = Counter(item.type for scene in scenes for item in scene.qa)
     manifest = {
         "split": split, "n": n, "seed": seed, "level": level,
-        "json": json_path.name, "captions": captions_path.name, "questions": questions_path.name, "text": text_path.name,
+        "json": json_path.name, "captions": captions_path.name, "shapes": shapes_path.name,
+        "questions": questions_path.name, "text": text_path.name,
         "shards": sorted(p.name for p in shard_dir.glob(f"{split}-*.tar")),
         "qa_counts": dict(sorted(qa_counts.items())),
         "relation_yes": sum(q.answer == "yes" for scene in scenes for q in scene.qa if q.type == "relation"),
