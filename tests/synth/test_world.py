@@ -218,7 +218,7 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
     write_world(tmp_path / "b", 40, seed=3)
     write_world(tmp_path / "c", 40, seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
-    assert a == b and len(a) == 40 + 6  # images + json, captions, questions, text, manifest, one shard
+    assert a == b and len(a) == 40 + 7  # images + json, captions, shapes, questions, text, manifest, one shard
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in ("train.json", "train_text.txt"))
 
 
