@@ -12,24 +12,14 @@ import copy
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoTokenizer
 
 from evev2.infer import GenerationRequest, InferenceEngine
 from evev2.infer.batcher import GenerationResult
 from evev2.infer.decoding import RowControl, RowDecoder
-
-
-def noise(h: int, w: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def ask(text: str, images=(), **kwargs) -> GenerationRequest:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    return GenerationRequest(messages=[{"role": "user", "content": content}], images=list(images), **kwargs)
+from tests.infer.test_engine import ask, noise
 
 
 def wait_idle(engine: InferenceEngine, timeout: float = 30.0) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,3 +47,14 @@ def live_server(tiny_chat_engine):
     app = create_app(tiny_chat_engine, settings)
     with background_server(app) as url:
         yield SimpleNamespace(url=url, app=app, engine=tiny_chat_engine)
+
+
+def wait_idle(server, timeout: float = 20.0) -> dict:
+    """The live server's /health once no request is running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{server.url}/health").json()
+        if not health["busy"]:
+            return health
+        time.sleep(0.05)
+    raise AssertionError("the server stayed busy")

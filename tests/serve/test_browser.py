@@ -7,13 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, png_bytes, to_data_url
+from tests.serve.conftest import API_KEY, png_bytes, to_data_url, wait_idle
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -80,16 +79,6 @@ def ask(page, question: str) -> None:
     page.fill("#question", question)
     page.press("#question", "Enter")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
-
-
-def wait_idle(server, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = httpx.get(f"{server.url}/health").json()
-        if not health["busy"]:
-            return health
-        time.sleep(0.05)
-    raise AssertionError("the server stayed busy")
 
 
 def test_two_turns_about_an_image_with_a_second_image_on_the_second_turn(page, live_server, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,7 +10,7 @@ import openai
 import pytest
 
 from evev2.infer import GenerationRequest
-from tests.serve.conftest import API_KEY, chat_body
+from tests.serve.conftest import API_KEY, chat_body, wait_idle
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -20,16 +19,6 @@ def engine_request(question: str, urls: list[str], max_tokens: int) -> Generatio
     content = [{"type": "image"} for _ in urls] + [{"type": "text", "text": question}]
     return GenerationRequest(messages=[{"role": "user", "content": content}], images=list(urls),
                              max_new_tokens=max_tokens)
-
-
-def wait_idle(server, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = httpx.get(f"{server.url}/health").json()
-        if not health["busy"]:
-            return health
-        time.sleep(0.05)
-    raise AssertionError("the server stayed busy")
 
 
 def test_32_concurrent_requests_are_batched_and_all_correct(live_server, image_urls):

@@ -104,6 +104,19 @@ def test_stage2_1_from_stage1_export_changes_patch_embedding_and_vision_copies(s
                for k in changed(after, weights(tmp_path / "run22" / "export")))
 
 
+def sigkill_after_checkpoint(recipe: Path, output: Path, step: int) -> None:
+    """Run `evev2 train` in a subprocess and SIGKILL it once the checkpoint of `step` exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output",
+                             str(output)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (output / "checkpoints" / f"step-{step:08d}").exists():
+        assert proc.poll() is None and time.time() < deadline, f"training subprocess ended before step {step}"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow  # a training subprocess
 def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dir, tiny_world_dir, tmp_path):
     """Killed and resumed with 2 data workers, the run equals an uninterrupted one without workers."""
@@ -111,15 +124,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dir, tiny_world_dir, 
                           extra="[checkpoint]\nevery = 1\nkeep_last = 2")
     recipe.write_text(recipe.read_text().replace("[optim]", "num_workers = 2\n[optim]"))
     Trainer(load_recipe(recipe, ["data.num_workers=0"]), tmp_path / "ref", show_progress=False).train()
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output",
-                             str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed" / "checkpoints" / "step-00000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "training subprocess ended before step 2"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_after_checkpoint(recipe, tmp_path / "killed", step=2)
     Trainer(load_recipe(recipe), tmp_path / "killed", resume=True, show_progress=False).train()
     assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # bit-exact on CPU
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from evev2.train.engine import Trainer
 from evev2.train.groups import parameter_groups
 from evev2.train.lora import export_lora
 from evev2.train.recipe import RecipeError, load_recipe
-from tests.train.test_engine import changed, losses, weights, write_recipe
+from tests.train.test_engine import changed, losses, sigkill_after_checkpoint, weights, write_recipe
 
 LORA = "[lora]\nrank = 4\nalpha = 8.0\ndropout = {dropout}\ngroups = {groups}\n"
 
@@ -98,15 +96,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dir, tiny_world_dir, 
     recipe = lora_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, steps=5,
                          extra="[checkpoint]\nevery = 1\nkeep_last = 2")
     Trainer(load_recipe(recipe), tmp_path / "ref", show_progress=False).train()
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "evev2.cli", "train", "--recipe", str(recipe), "--output",
-                             str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed" / "checkpoints" / "step-00000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "training subprocess ended before step 2"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_after_checkpoint(recipe, tmp_path / "killed", step=2)
     Trainer(load_recipe(recipe), tmp_path / "killed", resume=True, show_progress=False).train()
     assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # bit-exact on CPU
     assert not changed(weights(tmp_path / "ref" / "export"), weights(tmp_path / "killed" / "export"))
