@@ -24,12 +24,15 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	$(BIN)/pip install -q -c requirements-lock.txt --no-deps lmms-eval loguru pytz
 	touch $(STAMP)
 
+# Two workers (pytest-xdist), one test module each at a time: module-scoped fixtures (the quick demo) run once.
+TEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(TEST) tests
 
 # The inner loop: everything but the tests marked slow (see pyproject.toml).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(TEST) -m "not slow" tests
 
 demo: setup
 	$(BIN)/evev2 demo

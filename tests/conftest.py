@@ -11,7 +11,16 @@ import torch
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the two cores: one thread each, so they do not fight over the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# The modules that take minutes go first: with `--dist loadfile` one worker runs the quick demo while the other works
+# through everything else, instead of the demo starting last and running alone.
+LONGEST_FIRST = ("test_demo.py", "test_ablate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
 
 # Property tests: the same examples on every run (derandomised, no example database), a modest number of them, and a
 # per-example deadline. `pytest --hypothesis-profile=explore` searches further (random, more examples).

@@ -70,12 +70,13 @@ FULL_PLAN = DemoPlan(
     ),
 )
 
-# About two and a half minutes on 2 cores: the same decoder on a small world, short stages on small images. Its QA stage trains
+# About a minute and a half on 2 cores: the same decoder on a small world, short stages on small images. Its QA stage trains
 # on single-object scenes with high vision learning rates, so that colour on the (full-world) held-out split reliably
 # leaves chance and the blind baseline behind, which is what the tests check.
 QUICK_QA = ('data.sources=[{ name = "level1-qa", type = "llava", path = "$output/world/level1/train.json" }]',
             "data.max_size=96", "optim.group_lr.patch_embed=1e-2", "optim.group_lr.vision=5e-3",
-            "optim.group_lr.text=2e-3", "optim.group_lr.embeddings=2e-3")
+            "optim.group_lr.text=2e-3", "optim.group_lr.embeddings=2e-3", "train.global_batch=16",
+            "train.micro_batch_rows=16")
 QUICK_PLAN = DemoPlan(
     train_images={1: 2000, 2: 200, 3: 400},
     heldout_images=150,
