@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from evev2.cli import main as cli
-from evev2.demo.evaluate import blank_like, blind
+from evev2.demo.evaluate import accuracy_by_object_count, blank_like, blind
 from evev2.demo.language import text_perplexity
 from evev2.demo.pipeline import stage_overrides
 from evev2.demo.tokenizer import train_world_tokenizer
@@ -58,6 +58,8 @@ def test_quick_demo_scores_every_question_beside_chance_and_blind(demo_run):
     assert model["color/accuracy"] >= 2 * model["color/chance"]
     assert model["color/accuracy"] > blind_model["color/accuracy"] + 10
     assert results["heldout"]["captions"]["caption/count"] > 0
+    for kind in ("color", "shape"):  # every colour and shape question lands in one object-count row
+        assert sum(cell["count"] for cell in results["by_object_count"][kind].values()) == model[f"{kind}/count"]
     before, after = results["text_perplexity"]["stage0_llm"], results["text_perplexity"]["final_vlm"]
     vocabulary = len(AutoTokenizer.from_pretrained(demo_run[0] / "final"))
     assert 1 < before < vocabulary / 10  # the stage-0 LLM has learned the world's language: far below uniform
@@ -78,8 +80,10 @@ def test_stage_overrides_move_recipe_paths_onto_the_output(tmp_path):
     recipe = load_recipe(RECIPES / "stage2_2.toml", stage_overrides(RECIPES / "stage2_2.toml", tmp_path, 7, ()))
     assert recipe.model.source == str(tmp_path / "stage2_1" / "export")
     assert recipe.output == str(tmp_path / "stage2_2")
-    assert [s.path for s in recipe.data.sources] == [str(tmp_path / "world" / f"level{n}" / "train.json")
-                                                     for n in (1, 2, 3)]
+    world = tmp_path / "world"
+    assert [s.path for s in recipe.data.sources] == [
+        *(str(world / f"level{n}" / "train.json") for n in (1, 2, 3)),
+        str(world / "level1" / "train_colors.json"), str(world / "level1" / "train_shapes.json")]
     assert recipe.train.steps == 7 and recipe.train.trainable == ["patch_embed", "vision", "text", "embeddings"]
 
 
@@ -133,3 +137,18 @@ def test_blind_baseline_sees_a_flat_image_of_the_same_size_and_mean(tmp_path):
     request = GenerationRequest([{"role": "user", "content": "<image>\nwhat color ?"}], [str(path)], 4)
     assert [r.text for r in blind(record)([request])] == ["red"]
     assert seen[0].messages == request.messages and seen[0].images[0].tobytes() == flat.tobytes()
+
+
+def test_accuracy_by_object_count_sets_each_count_beside_picking_a_random_object():
+    def record(i: int, kind: str, objects: int, answer: str) -> dict:
+        return {"question_id": f"q{i}", "type": kind, "objects": objects, "answer": answer}
+
+    records = [record(0, "color", 1, "red"), record(1, "color", 2, "red"), record(2, "color", 2, "blue"),
+               record(3, "shape", 3, "star"), record(4, "count", 3, "three"), record(5, "color", 2, "green")]
+    predictions = {"q0": "red", "q1": "Red.", "q2": "red", "q3": "circle", "q4": "three"}  # q5 has no answer
+    table = accuracy_by_object_count(records, predictions)
+    assert table == {
+        "color": {"1": {"accuracy": 1.0, "count": 1, "random_object": 1.0},
+                  "2": {"accuracy": 0.5, "count": 2, "random_object": 0.5}},
+        "shape": {"3": {"accuracy": 0.0, "count": 1, "random_object": 1 / 3}},
+    }

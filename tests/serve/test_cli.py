@@ -54,3 +54,9 @@ def test_quantize_flag_loads_int8_weights(tiny_eve_chat_dir, captured_run):
     with TestClient(captured_run["app"]) as client:
         one = client.post("/v1/chat/completions", json=chat_body("one?", max_tokens=2))
         assert one.status_code == 200 and one.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("flag, compiled", [([], False), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flag_chooses_the_decode_path(tiny_eve_chat_dir, captured_run, flag, compiled):
+    main(["serve", "--model", str(tiny_eve_chat_dir), *flag])  # the default on CPU: eager
+    assert captured_run["app"].state.engine.batcher.compiled is compiled

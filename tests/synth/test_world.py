@@ -218,7 +218,7 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
     write_world(tmp_path / "b", 40, seed=3)
     write_world(tmp_path / "c", 40, seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
-    assert a == b and len(a) == 40 + 7  # images + json, captions, shapes, questions, text, manifest, one shard
+    assert a == b and len(a) == 40 + 8  # images + json, captions, colours, shapes, questions, text, manifest, shard
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in ("train.json", "train_text.txt"))
 
 
@@ -245,6 +245,8 @@ def test_cli_writes_llava_json_webdataset_and_text(tmp_path):
     first_relation = next(q for q in questions if q["type"] == "relation")
     assert first_relation["chance"] == 0.5 and first_relation["answer"] in ("yes", "no")
     assert questions[0]["image"] == first["image"] and questions[0]["chance"] == 1 / len(COLORS)
+    assert all(q["objects"] == len(r["objects"]) for q, r in
+               zip(questions, (r for r in records for _ in range(len(r["qa"]) + 1))))
     lines = (out / "train_text.txt").read_text().splitlines()
     assert len(lines) == sum(1 + len(r["qa"]) for r in records)
     assert lines[0] == first["caption"]
@@ -264,17 +266,18 @@ def test_caption_pairs_file_feeds_the_plain_template(tmp_path):
         assert human == {"from": "human", "value": "<image>"} and gpt == {"from": "gpt", "value": record["caption"]}
 
 
-def test_shapes_file_asks_each_scene_its_shape_alone(tmp_path):
+@pytest.mark.parametrize("kind", ["shape", "color"])
+def test_shapes_and_colors_files_ask_each_scene_one_question_alone(tmp_path, kind):
     manifest = write_world(tmp_path, 12, seed=1, level=1)
     records = json.loads((tmp_path / "train.json").read_text())
-    shapes = json.loads((tmp_path / manifest["shapes"]).read_text())
+    alone = json.loads((tmp_path / manifest[f"{kind}s"]).read_text())
     scenes = generate_world(12, seed=1, level=1)
-    assert [s["image"] for s in shapes] == [r["image"] for r in records]
-    for record, scene in zip(shapes, scenes):
-        shape = next(q for q in scene.qa if q.type == "shape")
-        assert record["conversations"] == [{"from": "human", "value": f"<image>\n{shape.question}"},
-                                           {"from": "gpt", "value": shape.answer}]
-        assert shape.answer == scene.layout.objects[0].shape
+    assert [s["image"] for s in alone] == [r["image"] for r in records]
+    for record, scene in zip(alone, scenes):
+        item = next(q for q in scene.qa if q.type == kind)
+        assert record["conversations"] == [{"from": "human", "value": f"<image>\n{item.question}"},
+                                           {"from": "gpt", "value": item.answer}]
+        assert item.answer == getattr(scene.layout.objects[0], kind)
 
 
 def test_every_question_type_opens_some_training_conversations(train_scenes):

@@ -13,11 +13,13 @@ from PIL import Image, ImageStat
 
 from evev2 import jsonio
 from evev2.eval.run import run_benchmark
+from evev2.eval.synth_metrics import normalize_synth_answer
 from evev2.infer.engine import Generate, GenerationRequest, GenerationResult, InferenceEngine
 from evev2.infer.images import load_image
 
 CAPTION_MAX_NEW_TOKENS = 96
 ANSWER_MAX_NEW_TOKENS = 8
+BINDING_TYPES = ("color", "shape")  # questions that name one object of the scene by its other attribute
 
 
 def split_question_file(questions: Path, out_dir: Path, caption_images: int) -> tuple[Path, Path]:
@@ -64,3 +66,23 @@ def evaluate_heldout(engine: InferenceEngine, qa_file: Path, caption_file: Path,
     return {"model": model["metrics"], "blind": blind_model["metrics"], "captions": captions["metrics"],
             "predictions": {name: str(output / name / "synth" / "predictions.jsonl")
                             for name in ("final", "blind", "final-captions")}}
+
+
+def accuracy_by_object_count(records: list[dict[str, Any]], predictions: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Colour and shape accuracy per number of objects in the scene, beside 1/n.
+
+    "what color is the circle ?" in a scene of n objects needs two things: seeing each object's colour and shape,
+    and binding the question's shape to one object. A model that sees every object but picks one at random scores
+    1/n; above 1/n is binding. -> {type: {n: {"accuracy", "count", "random_object"}}}
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record["type"] not in BINDING_TYPES or str(record["question_id"]) not in predictions:
+            continue
+        cell = table.setdefault(record["type"], {}).setdefault(str(record["objects"]), {"right": 0, "count": 0})
+        answer = predictions[str(record["question_id"])]
+        cell["right"] += normalize_synth_answer(answer) == normalize_synth_answer(record["answer"])
+        cell["count"] += 1
+    return {kind: {n: {"accuracy": cell["right"] / cell["count"], "count": cell["count"], "random_object": 1 / int(n)}
+                   for n, cell in sorted(by_n.items(), key=lambda item: int(item[0]))}
+            for kind, by_n in sorted(table.items())}

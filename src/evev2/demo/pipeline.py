@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from evev2 import jsonio
 from evev2.synth.world import write_world
-from evev2.demo.evaluate import evaluate_heldout, split_question_file
+from evev2.demo.evaluate import accuracy_by_object_count, evaluate_heldout, split_question_file
 from evev2.demo.language import chat_documents, pretrain_llm, text_perplexity
 from evev2.demo.plan import CALIBRATED_MINUTES, FULL_PLAN, QUICK_PLAN, DemoPlan
 from evev2.demo.report import contact_sheet, results_table
@@ -167,6 +167,7 @@ def run_demo(output: Path, plan: DemoPlan, recipes: Path | None = None) -> dict[
     example = folders["heldout"] / records[0]["image"]
     results = {
         "heldout": heldout,
+        "by_object_count": accuracy_by_object_count(records, predictions),
         "goals": GOALS,
         "text_perplexity": {"stage0_llm": perplexity_before, "final_vlm": perplexity_after},
         "plan": {"train_images": plan.train_images, "heldout_images": plan.heldout_images,

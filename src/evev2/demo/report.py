@@ -28,6 +28,10 @@ def results_table(results: dict[str, Any]) -> str:
         goal = f"{goals[kind]:5.2f}" if kind in goals else ""
         count = model.get(f"{kind}/count", model["num_questions"])
         lines.append(f"{kind:<9} {model[key] / 100:6.3f} {blind[key] / 100:6.3f} {chance:>6} {goal:>5} {count:5d}")
+    for kind, by_n in results["by_object_count"].items():
+        lines.append(f"{kind} by objects in the scene (model / 1/n, the score of seeing every object but not which one "
+                     f"the question names): " + ", ".join(f"{n}: {cell['accuracy']:.2f}/{cell['random_object']:.2f}"
+                                                           for n, cell in by_n.items()))
     text = results["text_perplexity"]
     lines += [
         f"caption BLEU-4 (greedy, {results['heldout']['captions']['caption/count']} held-out images): "

@@ -31,6 +31,7 @@ def serve_cli(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     allow_remote_images: bool = False,
+    compile: bool | None = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (POST /v1/chat/completions), /v1/models, /health and a web page at /.
 
@@ -51,13 +52,14 @@ def serve_cli(
         max_image_pixels: most pixels per image (checked before decoding).
         max_image_bytes: most encoded bytes per image.
         allow_remote_images: fetch http(s) image URLs (off: server-side request forgery risk).
+        compile: a compiled decode step (static cache, CUDA graphs) or eager steps; default on for CUDA, off for CPU.
     """
     import uvicorn
 
     engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype, template=template,
                                              allow_remote_images=allow_remote_images, max_pixels=max_image_pixels,
                                              max_image_bytes=max_image_bytes, max_images=max_images,
-                                             max_batch_size=max_batch_size, quantize=quantize)
+                                             max_batch_size=max_batch_size, quantize=quantize, compile=compile)
     settings = ServeSettings(
         model_name=model_name or Path(model).resolve().name, api_key=api_key or os.environ.get(API_KEY_ENV) or None,
         max_waiting=max_waiting, default_max_tokens=default_max_tokens,

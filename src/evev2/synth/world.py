@@ -172,8 +172,9 @@ def chance_accuracy(qa_type: str, level: int) -> float:
 
 
 def question_records(scene: Scene, image_path: str) -> list[dict[str, Any]]:
-    """One evaluation record per question plus one for the caption (`evev2.eval` task "synth" reads these)."""
-    base = {"image": image_path, "level": scene.level}
+    """One evaluation record per question plus one for the caption (`evev2.eval` task "synth" reads these);
+    `objects` is the scene's object count (the demo reports colour and shape accuracy per count)."""
+    base = {"image": image_path, "level": scene.level, "objects": len(scene.objects)}
     records = [
         {**base, "question_id": f"synth-{scene.split}-{scene.key}-{item.type}", "type": item.type,
          "question": item.question, "answer": item.answer, "chance": chance_accuracy(item.type, scene.level)}
@@ -205,8 +206,8 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
 
     Layout under `out_dir` (one directory can hold both splits):
     `images/{split}/NNNNNN.png`, `{split}.json` (LLaVA records, image paths relative to `out_dir`),
-    `{split}_captions.json` (image-caption pairs for the pretraining stages), `{split}_shapes.json` (each scene's
-    shape question alone: one-turn naming conversations for a perception stage),
+    `{split}_captions.json` (image-caption pairs for the pretraining stages), `{split}_shapes.json` and
+    `{split}_colors.json` (each scene's shape, or colour, question alone: one-turn naming conversations),
     `shards/{split}-NNNNNN.tar` (`NNNNNN.png` + `NNNNNN.json` per sample), `{split}_questions.jsonl` (one
     record per question, for evaluation), `{split}_text.txt`, `{split}_manifest.json`.
     Stale files of an earlier run of the same split are removed first.
@@ -239,12 +240,14 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     captions_path = out / f"{split}_captions.json"
     captions_path.write_text("[\n" + ",\n".join(json.dumps(r) for r in captions) + "\n]\n", encoding="utf-8")
     # naming shapes is learnt only from shape questions on their own (measured: mixed with the other questions, the
-    # vision weights learn the answer prior, not the image)
-    shapes = [{"id": r["id"], "image": r["image"], "conversations": [
-        {"from": "human", "value": f"<image>\n{q.question}"}, {"from": "gpt", "value": q.answer}]}
-        for r, scene in zip(records, scenes) for q in scene.qa if q.type == "shape"]
-    shapes_path = out / f"{split}_shapes.json"
-    shapes_path.write_text("[\n" + ",\n".join(json.dumps(r) for r in shapes) + "\n]\n", encoding="utf-8")
+    # vision weights learn the answer prior, not the image); colour questions alone bring colour back afterwards
+    alone = {}
+    for kind in ("color", "shape"):
+        alone[kind] = out / f"{split}_{kind}s.json"
+        rows = [{"id": r["id"], "image": r["image"], "conversations": [
+            {"from": "human", "value": f"<image>\n{q.question}"}, {"from": "gpt", "value": q.answer}]}
+            for r, scene in zip(records, scenes) for q in scene.qa if q.type == kind]
+        alone[kind].write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n", encoding="utf-8")
     questions_path = out / f"{split}_questions.jsonl"
     questions_path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
     text_path = out / f"{split}_text.txt"
@@ -252,7 +255,8 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     qa_counts = Counter(item.type for scene in scenes for item in scene.qa)
     manifest = {
         "split": split, "n": n, "seed": seed, "level": level,
-        "json": json_path.name, "captions": captions_path.name, "shapes": shapes_path.name,
+        "json": json_path.name, "captions": captions_path.name, "colors": alone["color"].name,
+        "shapes": alone["shape"].name,
         "questions": questions_path.name, "text": text_path.name,
         "shards": sorted(p.name for p in shard_dir.glob(f"{split}-*.tar")),
         "qa_counts": dict(sorted(qa_counts.items())),
