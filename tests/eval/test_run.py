@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from evev2.cli import main
+from evev2.errors import UserError
 from evev2.eval.run import Shard, answer_items, item_request, run_benchmark
 from evev2.eval.synth_metrics import normalize_synth_answer
 from evev2.eval.tasks import get_task, load_items
@@ -196,3 +197,23 @@ def test_ranks_answer_strided_shards_and_rank0_merges(tmp_path, tiny_eve_chat_di
     assert merged == {item.question_id: alone(tiny_chat_engine, item) for item in items}
     assert document["metrics"]["num_missing_predictions"] == 0
     assert document["predictions"] == str(run_dir / "predictions.jsonl")
+
+
+def test_a_results_folder_of_another_run_is_refused_not_resumed(tmp_path, tiny_eve_chat_dir, image_dir):
+    data = tmp_path / "synth.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synth_records(image_dir)))
+    first, run_dir = run(tmp_path, tiny_eve_chat_dir, "synth", data)
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert recorded["model"] == str(tiny_eve_chat_dir.resolve()) and recorded["max_new_tokens"] == MAX_NEW_TOKENS
+    assert run(tmp_path, tiny_eve_chat_dir, "synth", data)[0]["metrics"] == first["metrics"]  # the same run resumes
+    predictions = (run_dir / "predictions.jsonl").read_text()
+    with pytest.raises(UserError, match="max_new_tokens differ"):
+        main(["eval", "run", "--model", str(tiny_eve_chat_dir), "--task", "synth", "--data", str(data), "--output",
+              str(tmp_path / "results"), "--max-new-tokens", str(MAX_NEW_TOKENS + 1), "--dtype", "float64"])
+    data.write_text(data.read_text() + "\n")  # another version of the question file (same ids)
+    with pytest.raises(UserError, match="data differ"):
+        run(tmp_path, tiny_eve_chat_dir, "synth", data)
+    (run_dir / "run.json").unlink()  # answers nobody can vouch for
+    with pytest.raises(UserError, match="no run.json"):
+        run(tmp_path, tiny_eve_chat_dir, "synth", data)
+    assert (run_dir / "predictions.jsonl").read_text() == predictions  # refusing loses nothing

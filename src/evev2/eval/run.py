@@ -2,8 +2,10 @@
 
 The prompts and the scoring both come from the task registry (`evev2.eval.tasks`), and generation goes through the
 one inference path (`InferenceEngine`), so a number printed here is the number `evev2 eval score` gives for the same
-predictions file. Predictions are appended as they are produced, so a killed run resumes where it stopped. Under
-`torchrun` every rank answers a strided shard into its own file and rank 0 merges them and scores.
+predictions file. Predictions are appended as they are produced, so a killed run resumes where it stopped; `run.json`
+beside them records what was run (model, weights, question file, answer length), and a results folder of another run
+is refused instead of resumed. Under `torchrun` every rank answers a strided shard into its own file and rank 0 merges
+them and scores.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any, Callable, Collection, Literal, Sequence
 import torch.distributed as dist
 from tqdm import tqdm
 
+from evev2 import jsonio
 from evev2.distributed import distributed_session
+from evev2.errors import UserError
 from evev2.eval.commands import save_and_print_metrics
 from evev2.eval.predictions import PredictionWriter, read_predictions
 from evev2.eval.records import MAX_BAD_FRACTION, check_bad_fraction
@@ -29,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
+RUN_NAME = "run.json"
 
 
 
@@ -118,13 +123,43 @@ def merge_rank_predictions(run_dir: Path, world_size: int) -> Path:
     return merged
 
 
+def file_identity(path: Path) -> dict[str, Any]:
+    """Where a file is and which version of it (size, modification time): cheap for multi-GB weights."""
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def check_run_identity(run_dir: Path, identity: dict[str, Any]) -> None:
+    """Record what a results folder answers for, or refuse to resume another run's answers there.
+
+    Resuming keeps every answer already in the folder, so answers of another model (or of another question file with
+    the same ids) would be scored as this run's.
+    """
+    path = run_dir / RUN_NAME
+    if path.exists():
+        recorded = jsonio.read_json(path)
+        changed = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
+        if changed:
+            raise UserError(f"{run_dir} holds the answers of another run ({', '.join(changed)} differ); pass another "
+                            "--output, or delete that folder to start again")
+        return
+    if any(run_dir.glob("predictions*.jsonl")):
+        raise UserError(f"{run_dir} holds answers with no {RUN_NAME} saying what produced them; pass another "
+                        "--output, or delete that folder to start again")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    jsonio.write_json(path, identity)
+
+
 def run_benchmark(generate: Generate, model_name: str, task: str, data: Path, questions: Path | None = None,
                   image_root: Path | None = None, limit: int | None = None, batch_size: int = 8,
                   output: Path = Path("eval_results"), max_new_tokens: int = 128, shard: Shard = Shard(),
-                  barrier: Callable[[], None] = lambda: None) -> dict[str, Any] | None:
+                  barrier: Callable[[], None] = lambda: None,
+                  identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Answer this shard's questions, then (on rank 0, after `barrier`) merge, score and write metrics.json.
 
-    Returns the metrics document on rank 0 and None on the other ranks.
+    `identity` (what `generate` is: model and weights) is checked against the folder's `run.json` with the question
+    file and answer length (`check_run_identity`, on rank 0). Returns the metrics document on rank 0 and None on the
+    other ranks.
     """
     benchmark = get_task(task)
     data = Path(data)
@@ -135,6 +170,10 @@ def run_benchmark(generate: Generate, model_name: str, task: str, data: Path, qu
     if not items:
         raise ValueError(f"{data} holds no {task} questions")
     run_dir = Path(output) / model_name / task
+    if identity is not None and shard.rank == 0:
+        check_run_identity(run_dir, {**identity, "task": task, "data": file_identity(data),
+                                     "questions": None if questions is None else file_identity(questions),
+                                     "max_new_tokens": max_new_tokens})
     merged = run_dir / PREDICTIONS_NAME
     finished = set(read_predictions(merged)) if shard.world_size > 1 and merged.exists() else set()
     skipped = answer_items(generate, shard.take(items), shard.predictions_path(run_dir), batch_size, max_new_tokens,
@@ -190,6 +229,8 @@ def run_cli(*, model: Path, task: str, data: Path, questions: Path | None = None
             device = str(rank_device)  # each torchrun rank on its own GPU
         engine = InferenceEngine.from_pretrained(model, device=device, dtype=dtype, quantize=quantize)
         name = Path(model).resolve().name + (f"-{quantize}" if quantize else "")
+        identity = {"model": str(Path(model).resolve()), "quantize": quantize, "dtype": str(engine.model.dtype),
+                    "weights": [file_identity(f) for f in sorted(Path(model).glob("*.safetensors"))]}
         return run_benchmark(engine.generate, name, task, data, questions, image_root, limit,
                              batch_size, output, max_new_tokens, shard,
-                             barrier=dist.barrier if world_size > 1 else lambda: None)
+                             barrier=dist.barrier if world_size > 1 else lambda: None, identity=identity)
