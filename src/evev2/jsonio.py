@@ -82,5 +82,10 @@ def write_json(path: str | Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
+def write_json_records(path: str | Path, rows: Iterable[Any]) -> None:
+    """A JSON array with one element per line: LLaVA-style files that stay greppable and diffable."""
+    write_text_atomic(path, "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
+
+
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

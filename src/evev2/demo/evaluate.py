@@ -13,7 +13,7 @@ from PIL import Image, ImageStat
 
 from evev2 import jsonio
 from evev2.eval.run import run_benchmark
-from evev2.eval.synth_metrics import normalize_synth_answer
+from evev2.eval.synth_metrics import synth_answer_matches
 from evev2.infer.engine import Generate, GenerationRequest, GenerationResult, InferenceEngine
 from evev2.infer.images import load_image
 
@@ -80,8 +80,7 @@ def accuracy_by_object_count(records: list[dict[str, Any]], predictions: dict[st
         if record["type"] not in BINDING_TYPES or str(record["question_id"]) not in predictions:
             continue
         cell = table.setdefault(record["type"], {}).setdefault(str(record["objects"]), {"right": 0, "count": 0})
-        answer = predictions[str(record["question_id"])]
-        cell["right"] += normalize_synth_answer(answer) == normalize_synth_answer(record["answer"])
+        cell["right"] += synth_answer_matches(predictions[str(record["question_id"])], record["answer"])
         cell["count"] += 1
     return {kind: {n: {"accuracy": cell["right"] / cell["count"], "count": cell["count"], "random_object": 1 / int(n)}
                    for n, cell in sorted(by_n.items(), key=lambda item: int(item[0]))}

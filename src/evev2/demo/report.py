@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from evev2.synth.language import QA_TYPES
-from evev2.eval.synth_metrics import normalize_synth_answer
+from evev2.eval.synth_metrics import synth_answer_matches
 
 TILE_IMAGE_PX = 320
 TILE_TEXT_PX = 340
@@ -65,7 +65,7 @@ def contact_sheet(records: list[dict[str, Any]], predictions: dict[str, str], im
             answer = predictions.get(str(record["question_id"]))
             if answer is None:
                 continue
-            right = normalize_synth_answer(answer) == normalize_synth_answer(record["answer"])
+            right = synth_answer_matches(answer, record["answer"])
             lines = [(f"Q: {record['question']}", "black")]
             if record["type"] == "caption":
                 lines += [(f"  {line}", (0, 0, 160)) for line in textwrap.wrap(f"model: {answer}", 52)]

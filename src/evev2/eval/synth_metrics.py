@@ -20,6 +20,10 @@ def normalize_synth_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def synth_answer_matches(prediction: str, answer: str) -> bool:
+    return normalize_synth_answer(prediction) == normalize_synth_answer(answer)
+
+
 def per_type_accuracy(results: Iterable[tuple[str, str, str, float | None]]) -> dict[str, float]:
     """Accuracy and chance (both %) per question type, from (type, prediction, answer, chance or None) tuples.
 
@@ -29,9 +33,8 @@ def per_type_accuracy(results: Iterable[tuple[str, str, str, float | None]]) -> 
     given_chance: dict[str, list[float]] = defaultdict(list)
     vocabulary: dict[str, set[str]] = defaultdict(set)
     for kind, prediction, answer, chance in results:
-        gold = normalize_synth_answer(answer)
-        correct[kind].append(normalize_synth_answer(prediction) == gold)
-        vocabulary[kind].add(gold)
+        correct[kind].append(synth_answer_matches(prediction, answer))
+        vocabulary[kind].add(normalize_synth_answer(answer))
         if chance is not None:
             given_chance[kind].append(chance)
     metrics: dict[str, float] = {}

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import webdataset as wds
 from PIL import Image
 
+from evev2 import jsonio
 from evev2.synth.language import CAPTION_PROMPT, QA, make_caption, make_qa
 from evev2.synth.render import render_layout
 from evev2.synth.layout import (
@@ -233,12 +234,12 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
             questions += question_records(scene, relpath)
             shards.write({"__key__": scene.key, "png": png, "json": json.dumps(record).encode("utf-8")})
     json_path = out / f"{split}.json"
-    json_path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n", encoding="utf-8")
+    jsonio.write_json_records(json_path, records)
     # image-caption pairs for the pretraining stages (`plain` template: one image, one caption)
     captions = [{"id": r["id"], "image": r["image"], "conversations": [
         {"from": "human", "value": "<image>"}, {"from": "gpt", "value": r["caption"]}]} for r in records]
     captions_path = out / f"{split}_captions.json"
-    captions_path.write_text("[\n" + ",\n".join(json.dumps(r) for r in captions) + "\n]\n", encoding="utf-8")
+    jsonio.write_json_records(captions_path, captions)
     # naming shapes is learnt only from shape questions on their own (measured: mixed with the other questions, the
     # vision weights learn the answer prior, not the image); colour questions alone bring colour back afterwards
     alone = {}
@@ -247,9 +248,9 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
         rows = [{"id": r["id"], "image": r["image"], "conversations": [
             {"from": "human", "value": f"<image>\n{q.question}"}, {"from": "gpt", "value": q.answer}]}
             for r, scene in zip(records, scenes) for q in scene.qa if q.type == kind]
-        alone[kind].write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n", encoding="utf-8")
+        jsonio.write_json_records(alone[kind], rows)
     questions_path = out / f"{split}_questions.jsonl"
-    questions_path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
+    jsonio.write_jsonl(questions_path, questions)
     text_path = out / f"{split}_text.txt"
     text_path.write_text("".join(line + "\n" for line in corpus_lines(scenes)), encoding="utf-8")
     qa_counts = Counter(item.type for scene in scenes for item in scene.qa)
@@ -262,7 +263,7 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
         "qa_counts": dict(sorted(qa_counts.items())),
         "relation_yes": sum(q.answer == "yes" for scene in scenes for q in scene.qa if q.type == "relation"),
     }
-    (out / f"{split}_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    jsonio.write_json(out / f"{split}_manifest.json", manifest)
     return manifest
 
 
