@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evev2.ablate.plan import ABLATION_VARIANTS
+from evev2.ablate.pipeline import run_ablation
+from evev2.ablate.plan import ABLATION_VARIANTS, QUICK_ABLATION
 from evev2.ablate.report import ablation_table, bidirectional_verdict, summarize, verdict
 from evev2.ablate.variants import derive_variant, image_attention, parameter_counts, sft_trainable
 from evev2.cli import main as cli
@@ -100,6 +101,26 @@ def test_table_and_parameter_counts(ablation):
         assert stats["caption_loss"]["mean"] > 0
 
 
+def test_seeds_run_in_parallel_processes_with_the_cores_split(ablation, tmp_path):
+    """Two seeds on two threads: one worker process per seed; seed 0 trains on exactly the tokens of the
+    single-seed run, seed 1 on another sample order, and every variant is summarised over both."""
+    _, single, _ = ablation
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = run_ablation(tmp_path, QUICK_ABLATION, seeds=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["variant"], r["seed"]) for r in results["runs"]] == [
+        (variant, seed) for seed in (0, 1) for variant in ABLATION_VARIANTS]
+    tokens = {(r["variant"], r["seed"]): r["tokens"] for r in results["runs"]}
+    for run in single["runs"]:
+        assert tokens[run["variant"], 0] == run["tokens"]
+        assert tokens[run["variant"], 1] != run["tokens"]
+    assert all(s["caption_loss"]["n"] == 2 for s in results["summary"].values())
+    assert {f"{v}-seed{seed} sft" for v in ABLATION_VARIANTS for seed in (0, 1)} <= set(results["timing"]["phases"])
+
+
 def test_derived_variants_equal_their_stage1_model(ablation, tmp_path):
     """Each variant starts as the stage-1 model of its image attention; v2.0-bidir's stage 1 attended both ways."""
     output, saved, _ = ablation
@@ -142,6 +163,17 @@ def test_verdict_is_computed_from_the_numbers():
     assert "tied with v1.5" in result["lines"][2] and "v2.0 best" in result["lines"][0]
     assert result["perplexity_sft_order"] == ["v1.5", "v2.0", "v1.0"] and "ranks 2 of 3" in result["lines"][3]
     assert summarize(agree)["v2.0"]["overall"]["n"] == 2
+    # v2.0 against each other variant: which way, and whether beyond the seed spread (one seed each here: never)
+    assert result["against"]["v1.5"] == {"lower_caption_loss": True, "caption_loss_beyond_spread": None,
+                                         "higher_accuracy": True, "accuracy_beyond_spread": None}
+    assert "v2.0 vs v1.0: stage-2 caption loss 0.8000 vs 1.0000 (lower, one seed" in "\n".join(result["lines"])
+    two = summarize([_run("v1.2", 0.5, 0.90, 3.0), _run("v1.2", 0.6, 0.92, 3.0),
+                     _run("v2.0", 0.52, 0.80, 3.0), _run("v2.0", 0.62, 0.81, 3.0)])
+    pair = verdict(two)["against"]["v1.2"]  # caption loss 0.105 apart, spreads 0.014: beyond; VQA 0.02 vs 0.07: within
+    assert pair == {"lower_caption_loss": True, "caption_loss_beyond_spread": True, "higher_accuracy": True,
+                    "accuracy_beyond_spread": False}
+    assert "(lower, beyond the seed spread)" in verdict(two)["lines"][4]
+    assert "(higher, within the seed spread)" in verdict(two)["lines"][4]
     # best post-SFT VQA but not the lowest stage-2 caption loss: vision is not best, and the caption part says why
     caption_lost = [_run("v1.0", 0.4, 0.7, 9.0), _run("v1.5", 0.5, 0.9, 3.0), _run("v2.0", 0.6, 0.8, 3.0)]
     result = verdict(summarize(caption_lost))

@@ -60,6 +60,11 @@ def test_quick_demo_scores_every_question_beside_chance_and_blind(demo_run):
     assert results["heldout"]["captions"]["caption/count"] > 0
     for kind in ("color", "shape"):  # every colour and shape question lands in one object-count row
         assert sum(cell["count"] for cell in results["by_object_count"][kind].values()) == model[f"{kind}/count"]
+        looked = results["named_object_attention"][kind]  # questions on 2+ objects: a share per layer and head
+        share = torch.tensor(looked["share"])
+        assert share.shape == (4, 4) and looked["questions"] > 0 and bool(((share > 0) & (share < 1)).all())
+        assert looked["best"]["share"] == share.max().item() == share[looked["best"]["layer"], looked["best"]["head"]]
+        assert 0.2 <= looked["random_object"] <= 0.5
     before, after = results["text_perplexity"]["stage0_llm"], results["text_perplexity"]["final_vlm"]
     vocabulary = len(AutoTokenizer.from_pretrained(demo_run[0] / "final"))
     assert 1 < before < vocabulary / 10  # the stage-0 LLM has learned the world's language: far below uniform
@@ -82,8 +87,7 @@ def test_stage_overrides_move_recipe_paths_onto_the_output(tmp_path):
     assert recipe.output == str(tmp_path / "stage2_2")
     world = tmp_path / "world"
     assert [s.path for s in recipe.data.sources] == [
-        *(str(world / f"level{n}" / "train.json") for n in (1, 2, 3)),
-        str(world / "level1" / "train_colors.json"), str(world / "level1" / "train_shapes.json")]
+        *(str(world / f"level{n}" / f"train{kind}.json") for kind in ("", "_colors", "_shapes") for n in (1, 2, 3))]
     assert recipe.train.steps == 7 and recipe.train.trainable == ["patch_embed", "vision", "text", "embeddings"]
 
 

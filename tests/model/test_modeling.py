@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from evev2.data.image_processing import num_image_tokens
+from evev2.data.image_processing import grid_token_index, num_image_tokens
 from evev2.model import EVEConfig, EVEForCausalLM
 from evev2.model.configuration_eve import VARIANTS
 from tests.conftest import TINY, perturb_vision_weights, tiny_eve_config
@@ -115,6 +115,17 @@ def test_token_count_and_layout():
             torch.testing.assert_close(tokens[1 + r * (gw + 1) + gw], pe.split_embedding.detach())
     with pytest.raises(ValueError, match="multiples of 32"):
         model.model.patch_embed([torch.randn(3, 40, 32)])
+
+
+def test_grid_token_index_is_the_token_of_that_patch():
+    model = EVEForCausalLM(tiny_eve_config()).eval()
+    image = torch.randn(3, 96, 128)
+    before = model.model.patch_embed([image])[0]
+    for row, column in [(0, 0), (1, 2), (2, 3)]:
+        changed = image.clone()
+        changed[:, row * 32:(row + 1) * 32, column * 32:(column + 1) * 32] = torch.randn(3, 32, 32)
+        differs = (model.model.patch_embed([changed])[0] != before).any(-1).nonzero().flatten().tolist()
+        assert differs == [grid_token_index(row, column, width=128)]
 
 
 def test_patch_embedding_batches_equal_sizes_like_one_at_a_time():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from evev2.cli import main
 from evev2.synth.world import generate_world, write_world
-from evev2.synth.language import OPPOSITE, QA_TYPES, RELATIONS, true_relations
+from evev2.synth.language import NAMING, OPPOSITE, QA_TYPES, RELATIONS, true_relations
 from evev2.synth.layout import CELL_PX, COLORS, FONT_SIZES, INSET_PX, NUMBER_WORDS, SHAPES, WORDS, text_extent
 
 
@@ -267,17 +267,41 @@ def test_caption_pairs_file_feeds_the_plain_template(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["shape", "color"])
-def test_shapes_and_colors_files_ask_each_scene_one_question_alone(tmp_path, kind):
+def test_shapes_and_colors_files_ask_a_one_object_scene_its_question_alone(tmp_path, kind):
     manifest = write_world(tmp_path, 12, seed=1, level=1)
     records = json.loads((tmp_path / "train.json").read_text())
-    alone = json.loads((tmp_path / manifest[f"{kind}s"]).read_text())
+    naming = json.loads((tmp_path / manifest[f"{kind}s"]).read_text())
     scenes = generate_world(12, seed=1, level=1)
-    assert [s["image"] for s in alone] == [r["image"] for r in records]
-    for record, scene in zip(alone, scenes):
+    assert [s["image"] for s in naming] == [r["image"] for r in records]
+    for record, scene in zip(naming, scenes):
         item = next(q for q in scene.qa if q.type == kind)
         assert record["conversations"] == [{"from": "human", "value": f"<image>\n{item.question}"},
                                            {"from": "gpt", "value": item.answer}]
         assert item.answer == getattr(scene.layout.objects[0], kind)
+
+
+@pytest.mark.parametrize("kind", ["shape", "color"])
+def test_naming_conversations_ask_about_every_object_once_in_varied_order(tmp_path, kind):
+    manifest = write_world(tmp_path, 30, seed=2, level=3)
+    naming = json.loads((tmp_path / manifest[f"{kind}s"]).read_text())
+    scenes = generate_world(30, seed=2, level=3)
+    other = "color" if kind == "shape" else "shape"
+    first_asked = Counter()
+    for record, scene in zip(naming, scenes):
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(scene.objects)
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+        asked = {}
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            named = [o for o in scene.objects if f" {getattr(o, other)} " in human["value"]]
+            assert len(named) == 1, human  # the question names exactly one object of the scene
+            assert gpt["value"] == getattr(named[0], kind)
+            asked[named[0]] = gpt["value"]
+        assert set(asked) == set(scene.objects)  # every object once
+        if len(scene.objects) > 1:
+            ordered = sorted(scene.objects, key=lambda o: (o.box[1], o.box[0]))
+            first_asked[turns[0]["value"] == f"<image>\n{NAMING[kind](ordered[0]).question}"] += 1
+    assert first_asked[True] and first_asked[False]  # not always in reading order
 
 
 def test_every_question_type_opens_some_training_conversations(train_scenes):

@@ -11,13 +11,16 @@ variant sees the same tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,54 @@ def _evaluate(export: Path, files: dict[str, Any], out: Path, plan: AblationPlan
     return {"metrics": metrics, "heldout": heldout, "parameters": parameter_counts(engine.model)}
 
 
+def _worker_setup(threads: int, log_level: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_seed(seed: int, output: Path, plan: AblationPlan, recipes: Path, stage1: dict[str, Path],
+              files: dict[str, Any]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]], dict[str, float]]:
+    """Every variant with one seed: (runs, each run's stage-2 metrics, wall time per phase)."""
+    runs, curves, phases = [], [], {}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name], mark = now - mark, now
+        log.info("ablate: %s took %.1f s", name, phases[name])
+
+    for variant in ABLATION_VARIANTS:
+        name, folder = f"{variant}-seed{seed}", output / "runs" / f"{variant}-seed{seed}"
+        trainable = {"stage2": list(stage2_trainable(variant)), "sft": list(sft_trainable(variant))}
+        seeded = (f"train.seed={seed}", f"data.seed={seed}")
+        derive_variant(stage1[image_attention(variant)], folder / "init", variant, seed)
+        stage2, stage2_metrics = _train(
+            recipes / "stage2_2.toml", output, plan.stage2_steps,
+            (*plan.stage2_overrides, f"model.source={folder / 'init'}", f"output={folder / 'stage2'}",
+             f"train.trainable={json.dumps(trainable['stage2'])}", *seeded))
+        lap(f"{name} stage2")
+        after_stage2 = _language_and_captions(stage2, files)
+        lap(f"{name} stage2-eval")
+        sft, sft_metrics = _train(
+            recipes / "stage3.toml", output, plan.sft_steps,
+            (*plan.sft_overrides, f"model.source={stage2}", f"output={folder / 'sft'}",
+             f"train.trainable={json.dumps(trainable['sft'])}", *seeded))
+        lap(f"{name} sft")
+        evaluated = _evaluate(sft, files, folder / "eval", plan)
+        lap(f"{name} eval")
+        evaluated["metrics"].update(
+            caption_loss=after_stage2["caption_loss"]["loss"], perplexity_stage2=after_stage2["text_perplexity"],
+            stage2_s=phases[f"{name} stage2"], sft_s=phases[f"{name} sft"],
+            eval_s=phases[f"{name} stage2-eval"] + phases[f"{name} eval"])
+        runs.append({"variant": variant, "seed": seed, "trainable": trainable,
+                     "tokens": {"stage2": run_tokens(stage2_metrics), "sft": run_tokens(sft_metrics)},
+                     "models": {"stage2": str(stage2), "sft": str(sft)},
+                     "stage2_caption_loss": after_stage2["caption_loss"], **evaluated})
+        curves.append(stage2_metrics)
+    return runs, curves, phases
+
+
 def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path | None = None) -> dict[str, Any]:
     """The whole study; returns what it writes to `output/ablation.json`."""
     if seeds < 1:
@@ -110,38 +161,22 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
     files = {"qa": qa_file, "captions": caption_file, "root": folders["heldout"],
              "caption_records": [r for r in jsonio.read_jsonl(questions) if r["type"] == "caption"],
              "text": nonblank_lines(folders["heldout"] / "heldout_text.txt")}
+    run_seed = functools.partial(_run_seed, output=output, plan=plan, recipes=recipes, stage1=stage1, files=files)
+    jobs = min(seeds, torch.get_num_threads())
+    if jobs == 1:
+        per_seed = [run_seed(seed) for seed in range(seeds)]
+    else:  # one process per seed, the cores split between them: a tiny model uses one core better than two
+        log.info("ablate: %d seeds in %d processes of %d thread(s)", seeds, jobs, torch.get_num_threads() // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup,
+                                 initargs=(torch.get_num_threads() // jobs, logging.getLogger().level)) as pool:
+            per_seed = list(pool.map(run_seed, range(seeds)))
     runs, variants, curves = [], {}, {v: [] for v in ABLATION_VARIANTS}
-    for seed in range(seeds):
-        for variant in ABLATION_VARIANTS:
-            name, folder = f"{variant}-seed{seed}", output / "runs" / f"{variant}-seed{seed}"
-            trainable = {"stage2": list(stage2_trainable(variant)), "sft": list(sft_trainable(variant))}
-            seeded = (f"train.seed={seed}", f"data.seed={seed}")
-            derive_variant(stage1[image_attention(variant)], folder / "init", variant, seed)
-            stage2, stage2_metrics = _train(
-                recipes / "stage2_2.toml", output, plan.stage2_steps,
-                (*plan.stage2_overrides, f"model.source={folder / 'init'}", f"output={folder / 'stage2'}",
-                 f"train.trainable={json.dumps(trainable['stage2'])}", *seeded))
-            mark = lap(f"{name} stage2", mark)
-            after_stage2 = _language_and_captions(stage2, files)
-            mark = lap(f"{name} stage2-eval", mark)
-            sft, sft_metrics = _train(
-                recipes / "stage3.toml", output, plan.sft_steps,
-                (*plan.sft_overrides, f"model.source={stage2}", f"output={folder / 'sft'}",
-                 f"train.trainable={json.dumps(trainable['sft'])}", *seeded))
-            mark = lap(f"{name} sft", mark)
-            evaluated = _evaluate(sft, files, folder / "eval", plan)
-            mark = lap(f"{name} eval", mark)
-            evaluated["metrics"].update(
-                caption_loss=after_stage2["caption_loss"]["loss"], perplexity_stage2=after_stage2["text_perplexity"],
-                stage2_s=phases[f"{name} stage2"], sft_s=phases[f"{name} sft"],
-                eval_s=phases[f"{name} stage2-eval"] + phases[f"{name} eval"])
-            tokens = {"stage2": run_tokens(stage2_metrics), "sft": run_tokens(sft_metrics)}
-            runs.append({"variant": variant, "seed": seed, "tokens": tokens, "trainable": trainable,
-                         "models": {"stage2": str(stage2), "sft": str(sft)},
-                         "stage2_caption_loss": after_stage2["caption_loss"], **evaluated})
-            curves[variant].append(stage2_metrics)
-            variants.setdefault(variant, {"parameters": evaluated["parameters"], "tokens": tokens,
-                                          "trainable": trainable})
+    for seed_runs, seed_curves, seed_phases in per_seed:
+        runs += seed_runs
+        phases.update(seed_phases)
+        for run, metrics in zip(seed_runs, seed_curves):
+            curves[run["variant"]].append(metrics)
+            variants.setdefault(run["variant"], {key: run[key] for key in ("parameters", "tokens", "trainable")})
 
     summary = summarize(runs)
     first = runs[0]["heldout"]["model"]

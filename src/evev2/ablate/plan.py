@@ -2,10 +2,11 @@
 
 Every variant gets the same stage-2 steps on the same samples in the same order, hence the same training tokens, and
 then the same SFT steps on the same samples (the paper's protocol: VQA is measured after a shared SFT stage, since a
-variant whose LLM stayed frozen in stage 2 cannot answer questions yet). The full plan takes about 22 minutes on 2 CPU
-cores with one seed and the five variants (measured 2026-12-01: 71 s for world, stage 0 and both stage 1s; per variant
-141-151 s of stage 2 (300 steps), 6 s of caption loss and perplexity, 65-74 s of SFT (100 steps) and 25-29 s of
-evaluation). A second seed does not fit in 30 minutes. `--quick` is the half-minute version the tests run.
+variant whose LLM stayed frozen in stage 2 cannot answer questions yet). Seeds run side by side, one process each (see
+`run_ablation`). The full plan with `--seeds 2` takes about 28.5 minutes on 2 CPU cores (measured 2026-12-01: 89 s
+for world, stage 0 and both stage 1s; then per variant, both seeds at once on one core each, 174-194 s of stage 2
+(240 steps), 9-10 s of caption loss and perplexity, 85-96 s of SFT (80 steps) and 36-41 s of evaluation). `--quick`
+is the half-minute version the tests run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class AblationPlan:
     eval_batch_size: int = 64
 
 
-FULL_ABLATION = AblationPlan(world=FULL_PLAN, stage1_steps=40, stage2_steps=300, sft_steps=100)
+FULL_ABLATION = AblationPlan(world=FULL_PLAN, stage1_steps=40, stage2_steps=240, sft_steps=80)
 
 # Single-object scenes at 96 px everywhere, a 24-image held-out split: seconds per variant.
 _QUICK_DATA = ('data.sources=[{ name = "level1-qa", type = "llava", path = "$output/world/level1/train.json" }]',

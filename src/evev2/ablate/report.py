@@ -36,6 +36,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return summary
 
 
+def _beyond_spread(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], metric: str) -> bool | None:
+    """Whether two variants' means differ by more than the larger of their seed spreads; None with one seed (a single
+    run has no spread to judge a difference against)."""
+    if min(a[metric]["n"], b[metric]["n"]) < 2:
+        return None
+    return abs(a[metric]["mean"] - b[metric]["mean"]) > max(a[metric]["spread"], b[metric]["spread"])
+
+
+NOISE = {True: "beyond the seed spread", False: "within the seed spread", None: "one seed: no spread to tell it from noise"}
+
+
 def _best(flag: bool) -> str:
     return f"{CLAIM_VARIANT} best" if flag else f"{CLAIM_VARIANT} NOT best"
 
@@ -74,6 +85,20 @@ def verdict(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
         + ", ".join(f"{v} {mean[v]['perplexity_sft']:.3f}" for v in sft_order)
         + f" -> {CLAIM_VARIANT} ranks {sft_order.index(CLAIM_VARIANT) + 1} of {len(sft_order)}",
     ]
+    against = {}  # v2.0 against each other variant of the paper, with the seed spread
+    for other in others:
+        mine, theirs = summary[CLAIM_VARIANT], summary[other]
+        against[other] = {"lower_caption_loss": claim["caption_loss"] < mean[other]["caption_loss"],
+                          "caption_loss_beyond_spread": _beyond_spread(mine, theirs, "caption_loss"),
+                          "higher_accuracy": claim["overall"] > mean[other]["overall"],
+                          "accuracy_beyond_spread": _beyond_spread(mine, theirs, "overall")}
+        pair = against[other]
+        lines.append(
+            f"{CLAIM_VARIANT} vs {other}: stage-2 caption loss {claim['caption_loss']:.4f} vs "
+            f"{mean[other]['caption_loss']:.4f} ({'lower' if pair['lower_caption_loss'] else 'NOT lower'}, "
+            f"{NOISE[pair['caption_loss_beyond_spread']]}); post-SFT VQA overall {claim['overall']:.3f} vs "
+            f"{mean[other]['overall']:.3f} ({'higher' if pair['higher_accuracy'] else 'NOT higher'}, "
+            f"{NOISE[pair['accuracy_beyond_spread']]})")
     agrees = vision_best and checks["language_kept_best"]
     if agrees:
         lines.append("AGREES with the paper's claim: v2.0 learned vision best (lowest stage-2 caption loss and highest "
@@ -81,7 +106,7 @@ def verdict(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     else:
         failed = [name for name, ok in checks.items() if not ok]
         lines.append(f"DISAGREES with the paper's claim at this budget ({', '.join(failed)} failed).")
-    return {"agrees_with_paper": agrees, "vision_best": vision_best, "checks": checks,
+    return {"agrees_with_paper": agrees, "vision_best": vision_best, "checks": checks, "against": against,
             "perplexity_sft_order": sft_order, "lines": lines}
 
 
@@ -99,11 +124,8 @@ def bidirectional_verdict(summary: dict[str, dict[str, dict[str, float]]]) -> di
               "higher_accuracy": mean(bidir, "overall") > mean(causal, "overall")}
     outcome = "HELPS" if all(checks.values()) else "HURTS" if not any(checks.values()) else "MIXED"
     n = min(bidir["overall"]["n"], causal["overall"]["n"])
-    beyond_spread = n > 1 and all(
-        abs(mean(bidir, m) - mean(causal, m)) > max(bidir[m]["spread"], causal[m]["spread"])
-        for m in ("caption_loss", "overall"))
-    noise = ("beyond the seed spread" if beyond_spread else "within the seed spread" if n > 1
-             else "one seed: no spread to tell it from noise")
+    beyond_spread = n > 1 and all(_beyond_spread(bidir, causal, m) for m in ("caption_loss", "overall"))
+    noise = NOISE[beyond_spread if n > 1 else None]
     lines = [f"bidirectional image attention ({BIDIRECTIONAL_VARIANT} vs {CLAIM_VARIANT}, same tokens, {n} seed(s)): "
              f"stage-2 caption loss {mean(bidir, 'caption_loss'):.4f} vs {mean(causal, 'caption_loss'):.4f}, post-SFT "
              f"VQA overall {mean(bidir, 'overall'):.3f} vs {mean(causal, 'overall'):.3f}, text ppl after SFT "

@@ -285,6 +285,12 @@ def num_image_tokens(height: int, width: int, unit: int = 32) -> int:
     return 1 + (height // unit) * (width // unit + 1)
 
 
+def grid_token_index(row: int, column: int, width: int, unit: int = 32) -> int:
+    """Index, among an image's tokens, of the patch at (row, column) of an image `width` px wide (after resizing):
+    the class token comes first, and a split token closes every row."""
+    return 1 + row * (width // unit + 1) + column
+
+
 class EVEImageProcessor(BaseImageProcessor):
     """Resize to multiples of 32 px under a resolution policy, then CLIP rescale (x1/255) and normalise.
 

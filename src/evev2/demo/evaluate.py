@@ -7,15 +7,20 @@ image replaced by a flat image of that image's mean colour and size, so it reads
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import torch
 from PIL import Image, ImageStat
 
 from evev2 import jsonio
+from evev2.constants import IMAGE_TOKEN_INDEX
+from evev2.data.image_processing import grid_token_index
 from evev2.eval.run import run_benchmark
 from evev2.eval.synth_metrics import synth_answer_matches
 from evev2.infer.engine import Generate, GenerationRequest, GenerationResult, InferenceEngine
 from evev2.infer.images import load_image
+from evev2.synth.language import NAMING
 
 CAPTION_MAX_NEW_TOKENS = 96
 ANSWER_MAX_NEW_TOKENS = 8
@@ -66,6 +71,58 @@ def evaluate_heldout(engine: InferenceEngine, qa_file: Path, caption_file: Path,
     return {"model": model["metrics"], "blind": blind_model["metrics"], "captions": captions["metrics"],
             "predictions": {name: str(output / name / "synth" / "predictions.jsonl")
                             for name in ("final", "blind", "final-captions")}}
+
+
+def named_object_attention(engine: InferenceEngine, records: list[dict[str, Any]], scenes: list[dict[str, Any]],
+                           image_root: Path, per_type: int = 60) -> dict[str, dict[str, Any]]:
+    """Where the answer looks: for colour and shape questions in scenes of 2+ objects, per layer and head, the share
+    of the answering position's attention on object tokens that lands on the object the question names.
+
+    1/n (the mean of `random_object`) is a head that looks at every object alike; a head well above it finds the
+    object, which is what binding needs. -> {type: {"share": [layer][head], "best": {...}, "random_object", "questions"}}
+    """
+    scene_of = {scene["image"]: scene for scene in scenes}
+    model, unit = engine.model, engine.model.config.image_pixels_per_token
+    shares: dict[str, list[torch.Tensor]] = {kind: [] for kind in BINDING_TYPES}
+    random_object: dict[str, list[float]] = {kind: [] for kind in BINDING_TYPES}
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the only backend that returns attention weights
+    try:
+        for record in records:
+            kind, scene = record["type"], scene_of[record["image"]]
+            objects = scene["objects"]
+            if kind not in BINDING_TYPES or len(objects) < 2 or len(shares[kind]) >= per_type:
+                continue
+            named = [o for o in objects if NAMING[kind](SimpleNamespace(**o)).question == record["question"]]
+            prompt = engine.prepare(GenerationRequest([{"from": "human", "value": f"<image>\n{record['question']}"}],
+                                                      [str(image_root / record["image"])]))
+            image = prompt.images[0]
+            scale = image.shape[2] / scene["width"]  # boxes are in the scene's pixels, tokens in the resized image's
+            at = int((prompt.input_ids == IMAGE_TOKEN_INDEX).nonzero()[0])  # the image's tokens replace it
+
+            def tokens(obj: dict[str, Any]) -> list[int]:
+                x0, y0, x1, y1 = (round(v * scale) for v in obj["box"])
+                return [at + grid_token_index(r, c, image.shape[2], unit)
+                        for r in range(y0 // unit, (y1 - 1) // unit + 1) for c in range(x0 // unit, (x1 - 1) // unit + 1)]
+
+            with torch.no_grad():
+                attentions = model(input_ids=prompt.input_ids[None].to(engine.device),
+                                   images=[image.to(engine.device, model.dtype)], output_attentions=True).attentions
+            last = torch.stack([a[0, :, -1].float().cpu() for a in attentions])  # (layers, heads, S)
+            on_objects = sum(last[..., tokens(o)].sum(-1) for o in objects)
+            shares[kind].append(last[..., tokens(named[0])].sum(-1) / on_objects.clamp_min(1e-12))
+            random_object[kind].append(1 / len(objects))
+    finally:
+        model.set_attn_implementation(previous)
+    table = {}
+    for kind, rows in shares.items():
+        if not rows:
+            continue
+        share = torch.stack(rows).mean(0)  # (layers, heads)
+        layer, head = divmod(int(share.argmax()), share.shape[1])
+        table[kind] = {"share": share.tolist(), "best": {"layer": layer, "head": head, "share": float(share.max())},
+                       "random_object": sum(random_object[kind]) / len(rows), "questions": len(rows)}
+    return table
 
 
 def accuracy_by_object_count(records: list[dict[str, Any]], predictions: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,8 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from evev2 import jsonio
 from evev2.synth.world import write_world
-from evev2.demo.evaluate import accuracy_by_object_count, evaluate_heldout, split_question_file
+from evev2.demo.evaluate import (accuracy_by_object_count, evaluate_heldout, named_object_attention,
+                                  split_question_file)
 from evev2.demo.language import chat_documents, pretrain_llm, text_perplexity
 from evev2.demo.plan import CALIBRATED_MINUTES, FULL_PLAN, QUICK_PLAN, DemoPlan
 from evev2.demo.report import contact_sheet, results_table
@@ -158,16 +159,19 @@ def run_demo(output: Path, plan: DemoPlan, recipes: Path | None = None) -> dict[
                                plan.eval_batch_size)
     perplexity_after = text_perplexity(engine.model, engine.tokenizer,
                                        nonblank_lines(folders["heldout"] / "heldout_text.txt"))
+    records = jsonio.read_jsonl(folders["heldout"] / "heldout_questions.jsonl")
+    attention = named_object_attention(engine, records, jsonio.read_json(folders["heldout"] / "heldout.json"),
+                                       folders["heldout"])
     clock.lap("eval")
     predictions = {**read_predictions(Path(heldout["predictions"]["final"])),
                    **read_predictions(Path(heldout["predictions"]["final-captions"]))}
-    records = jsonio.read_jsonl(folders["heldout"] / "heldout_questions.jsonl")
     sheet = contact_sheet(records, predictions, folders["heldout"], output / "contact_sheet.png",
                           plan.contact_sheet_images)
     example = folders["heldout"] / records[0]["image"]
     results = {
         "heldout": heldout,
         "by_object_count": accuracy_by_object_count(records, predictions),
+        "named_object_attention": attention,
         "goals": GOALS,
         "text_perplexity": {"stage0_llm": perplexity_before, "final_vlm": perplexity_after},
         "plan": {"train_images": plan.train_images, "heldout_images": plan.heldout_images,

@@ -1,6 +1,6 @@
 """How big each part of the demo is: world sizes, the stand-in LLM, steps per stage, and the time budget.
 
-The full plan fits a 15-minute budget on a 2-core laptop CPU (measured 2026-12-01: 8.9 minutes end to end);
+The full plan fits a 15-minute budget on a 2-core laptop CPU (measured 2026-12-01: 9.0 minutes end to end);
 `--minutes` scales every step count (and the training world with it) linearly against that budget, and `--quick` is
 the few-minute smoke version the tests run.
 """

@@ -32,6 +32,11 @@ def results_table(results: dict[str, Any]) -> str:
         lines.append(f"{kind} by objects in the scene (model / 1/n, the score of seeing every object but not which one "
                      f"the question names): " + ", ".join(f"{n}: {cell['accuracy']:.2f}/{cell['random_object']:.2f}"
                                                            for n, cell in by_n.items()))
+    for kind, looked in results["named_object_attention"].items():
+        best = looked["best"]
+        lines.append(f"{kind} questions, attention of the answer on the named object (share of its attention on "
+                     f"objects; best head, layer {best['layer']} head {best['head']}): {best['share']:.2f}, against "
+                     f"{looked['random_object']:.2f} for looking at every object alike")
     text = results["text_perplexity"]
     lines += [
         f"caption BLEU-4 (greedy, {results['heldout']['captions']['caption/count']} held-out images): "

@@ -57,14 +57,28 @@ def relation_qa(rng: random.Random, objects: tuple[SceneObject, ...], answer_yes
     return QA("relation", question, "yes" if answer_yes else "no")
 
 
+def color_qa(obj: SceneObject) -> QA:
+    """The colour of an object, which the question names by its shape (shapes are distinct within a scene)."""
+    return QA("color", f"what color is the {obj.shape} ?", obj.color)
+
+
+def shape_qa(obj: SceneObject) -> QA:
+    """The shape of an object, which the question names by its colour (colours are distinct within a scene)."""
+    return QA("shape", f"what shape is the {obj.color} object ?", obj.shape)
+
+
+#: The questions that name one object of a scene by its other attribute, by the attribute they ask for.
+NAMING = MappingProxyType({"color": color_qa, "shape": shape_qa})
+
+
 def make_qa(rng: random.Random, layout: Layout, relation_yes: bool | None) -> tuple[QA, ...]:
     """Every applicable question type once, in QA_TYPES order; relation only when `relation_yes` is given."""
     objects = layout.objects
     # about different objects when there are several: one cannot then give the other away (`training_turns`)
     about_color, about_shape = rng.sample(objects, 2) if len(objects) > 1 else (objects[0], objects[0])
     qa = [
-        QA("color", f"what color is the {about_color.shape} ?", about_color.color),
-        QA("shape", f"what shape is the {about_shape.color} object ?", about_shape.shape),
+        color_qa(about_color),
+        shape_qa(about_shape),
         QA("count", "how many shapes are there ?", NUMBER_WORDS[len(objects)]),
     ]
     if relation_yes is not None:

@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from evev2 import jsonio
-from evev2.synth.language import CAPTION_PROMPT, QA, make_caption, make_qa
+from evev2.synth.language import CAPTION_PROMPT, NAMING, QA, make_caption, make_qa
 from evev2.synth.render import render_layout
 from evev2.synth.layout import (
     COLORS,
@@ -108,6 +108,16 @@ def training_turns(rng: random.Random, qa: tuple[QA, ...], caption: str, objects
     return turns
 
 
+def naming_turns(scene: Scene, kind: Literal["color", "shape"]) -> list[tuple[str, str]]:
+    """A naming conversation: the colour of every object (asked by its shape), or the shape of every object (asked
+    by its colour), one turn each, in an order drawn for the scene. One question names one object, so several per
+    image teach finding the object a question names, and no answer gives away another's (unlike a colour question
+    after a shape question, see `training_turns`). A one-object scene gets its one question."""
+    turns = [(item.question, item.answer) for item in map(NAMING[kind], scene.objects)]
+    random.Random(f"evev2-synth/naming/{scene.split}/level{scene.level}/{scene.index}/{kind}").shuffle(turns)
+    return turns
+
+
 def iter_scenes(seed: int = 0, level: int = FULL_WORLD_LEVEL, split: Split = "train",
                 render: bool = True) -> Iterator[Scene]:
     """An endless, deterministic stream of scenes; `render=False` skips drawing (for text-only corpora).
@@ -141,23 +151,28 @@ def generate_world(n: int, seed: int = 0, level: int = FULL_WORLD_LEVEL, split: 
     return list(itertools.islice(iter_scenes(seed, level, split, render), n))
 
 
+def llava_conversation(turns: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    """(question, answer) turns as alternating human/gpt messages, the image placeholder opening the first."""
+    conversation = []
+    for turn, (question, answer) in enumerate(turns):
+        prompt = f"{IMAGE_PLACEHOLDER}\n{question}" if turn == 0 else question
+        conversation += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    return conversation
+
+
 def scene_record(scene: Scene, image_path: str) -> dict[str, Any]:
     """The LLaVA-style record of a scene, identical in the JSON file and in the WebDataset shard.
 
     `conversations` alternates human/gpt turns, the first human turn starting with "<image>\\n"; `qa` lists the typed
     questions (for per-type evaluation); `objects` and `word` are the ground truth (for caption scoring).
     """
-    conversations = []
-    for turn, (question, answer) in enumerate(scene.conversation):
-        prompt = f"{IMAGE_PLACEHOLDER}\n{question}" if turn == 0 else question
-        conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     return {
         "id": f"synth-{scene.split}-{scene.key}",
         "image": image_path,
         "width": scene.layout.width,
         "height": scene.layout.height,
         "level": scene.level,
-        "conversations": conversations,
+        "conversations": llava_conversation(scene.conversation),
         "qa": [{"type": item.type, "question": item.question, "answer": item.answer} for item in scene.qa],
         "caption": scene.caption,
         "objects": [{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in scene.objects],
@@ -208,7 +223,7 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     Layout under `out_dir` (one directory can hold both splits):
     `images/{split}/NNNNNN.png`, `{split}.json` (LLaVA records, image paths relative to `out_dir`),
     `{split}_captions.json` (image-caption pairs for the pretraining stages), `{split}_shapes.json` and
-    `{split}_colors.json` (each scene's shape, or colour, question alone: one-turn naming conversations),
+    `{split}_colors.json` (each scene's naming conversation, `naming_turns`: one question per object),
     `shards/{split}-NNNNNN.tar` (`NNNNNN.png` + `NNNNNN.json` per sample), `{split}_questions.jsonl` (one
     record per question, for evaluation), `{split}_text.txt`, `{split}_manifest.json`.
     Stale files of an earlier run of the same split are removed first.
@@ -241,14 +256,14 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     captions_path = out / f"{split}_captions.json"
     jsonio.write_json_records(captions_path, captions)
     # naming shapes is learnt only from shape questions on their own (measured: mixed with the other questions, the
-    # vision weights learn the answer prior, not the image); colour questions alone bring colour back afterwards
-    alone = {}
+    # vision weights learn the answer prior, not the image); colour questions on their own bring colour back
+    # afterwards, and asked about every object of a scene they teach finding the one a question names
+    naming = {}
     for kind in ("color", "shape"):
-        alone[kind] = out / f"{split}_{kind}s.json"
-        rows = [{"id": r["id"], "image": r["image"], "conversations": [
-            {"from": "human", "value": f"<image>\n{q.question}"}, {"from": "gpt", "value": q.answer}]}
-            for r, scene in zip(records, scenes) for q in scene.qa if q.type == kind]
-        jsonio.write_json_records(alone[kind], rows)
+        naming[kind] = out / f"{split}_{kind}s.json"
+        rows = [{"id": r["id"], "image": r["image"], "conversations": llava_conversation(naming_turns(scene, kind))}
+                for r, scene in zip(records, scenes)]
+        jsonio.write_json_records(naming[kind], rows)
     questions_path = out / f"{split}_questions.jsonl"
     jsonio.write_jsonl(questions_path, questions)
     text_path = out / f"{split}_text.txt"
@@ -256,8 +271,8 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     qa_counts = Counter(item.type for scene in scenes for item in scene.qa)
     manifest = {
         "split": split, "n": n, "seed": seed, "level": level,
-        "json": json_path.name, "captions": captions_path.name, "colors": alone["color"].name,
-        "shapes": alone["shape"].name,
+        "json": json_path.name, "captions": captions_path.name, "colors": naming["color"].name,
+        "shapes": naming["shape"].name,
         "questions": questions_path.name, "text": text_path.name,
         "shards": sorted(p.name for p in shard_dir.glob(f"{split}-*.tar")),
         "qa_counts": dict(sorted(qa_counts.items())),
