@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +34,7 @@ from evev2.ablate.variants import derive_variant, image_attention, parameter_cou
 from evev2.synth.language import QA_TYPES
 from evev2.demo.evaluate import evaluate_heldout, split_question_file
 from evev2.demo.language import text_perplexity
-from evev2.demo.pipeline import build_llm, build_world, nonblank_lines, recipe_folder, stage_overrides
+from evev2.demo.pipeline import PhaseClock, build_llm, build_world, nonblank_lines, recipe_folder, stage_overrides
 from evev2.infer.engine import InferenceEngine
 from evev2.model.convert import convert_llm
 from evev2.train.engine import Trainer
@@ -84,15 +83,7 @@ def _worker_setup(threads: int, log_level: int) -> None:
 def _run_seed(seed: int, output: Path, plan: AblationPlan, recipes: Path, stage1: dict[str, Path],
               files: dict[str, Any]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]], dict[str, float]]:
     """Every variant with one seed: (runs, each run's stage-2 metrics, wall time per phase)."""
-    runs, curves, phases = [], [], {}
-    mark = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        phases[name], mark = now - mark, now
-        log.info("ablate: %s took %.1f s", name, phases[name])
-
+    runs, curves, clock = [], [], PhaseClock(f"ablate seed {seed}")
     for variant in ABLATION_VARIANTS:
         name, folder = f"{variant}-seed{seed}", output / "runs" / f"{variant}-seed{seed}"
         trainable = {"stage2": list(stage2_trainable(variant)), "sft": list(sft_trainable(variant))}
@@ -102,26 +93,26 @@ def _run_seed(seed: int, output: Path, plan: AblationPlan, recipes: Path, stage1
             recipes / "stage2_2.toml", output, plan.stage2_steps,
             (*plan.stage2_overrides, f"model.source={folder / 'init'}", f"output={folder / 'stage2'}",
              f"train.trainable={json.dumps(trainable['stage2'])}", *seeded))
-        lap(f"{name} stage2")
+        clock.lap(f"{name} stage2")
         after_stage2 = _language_and_captions(stage2, files)
-        lap(f"{name} stage2-eval")
+        clock.lap(f"{name} stage2-eval")
         sft, sft_metrics = _train(
             recipes / "stage3.toml", output, plan.sft_steps,
             (*plan.sft_overrides, f"model.source={stage2}", f"output={folder / 'sft'}",
              f"train.trainable={json.dumps(trainable['sft'])}", *seeded))
-        lap(f"{name} sft")
+        clock.lap(f"{name} sft")
         evaluated = _evaluate(sft, files, folder / "eval", plan)
-        lap(f"{name} eval")
+        clock.lap(f"{name} eval")
         evaluated["metrics"].update(
             caption_loss=after_stage2["caption_loss"]["loss"], perplexity_stage2=after_stage2["text_perplexity"],
-            stage2_s=phases[f"{name} stage2"], sft_s=phases[f"{name} sft"],
-            eval_s=phases[f"{name} stage2-eval"] + phases[f"{name} eval"])
+            stage2_s=clock.phases[f"{name} stage2"], sft_s=clock.phases[f"{name} sft"],
+            eval_s=clock.phases[f"{name} stage2-eval"] + clock.phases[f"{name} eval"])
         runs.append({"variant": variant, "seed": seed, "trainable": trainable,
                      "tokens": {"stage2": run_tokens(stage2_metrics), "sft": run_tokens(sft_metrics)},
                      "models": {"stage2": str(stage2), "sft": str(sft)},
                      "stage2_caption_loss": after_stage2["caption_loss"], **evaluated})
         curves.append(stage2_metrics)
-    return runs, curves, phases
+    return runs, curves, clock.phases
 
 
 def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path | None = None) -> dict[str, Any]:
@@ -133,28 +124,19 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
     output.mkdir(parents=True, exist_ok=True)
     for name in OWNED:  # never mix a previous run's models or predictions into this one
         shutil.rmtree(output / name, ignore_errors=True)
-    started, load_at_start = time.perf_counter(), os.getloadavg()
-    phases: dict[str, float] = {}
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        phases[name] = now - since
-        log.info("ablate: %s took %.1f s (%.1f s so far)", name, phases[name], now - started)
-        return now
-
-    mark = time.perf_counter()
+    clock, load_at_start = PhaseClock("ablate"), os.getloadavg()
     folders = build_world(plan.world, output / "world")
-    mark = lap("world", mark)
+    clock.lap("world")
     llm, perplexity_before = build_llm(plan.world, folders, output / "stage0")
     convert_llm(llm, output / "stage0" / "eve", variant="v1.0", patch_hidden_size=plan.world.patch_hidden_size)
-    mark = lap("stage0", mark)
+    clock.lap("stage0")
     stage1, stage1_metrics = {}, {}  # by image attention: stage 1 trains the patch embedding for the one it will meet
     for attention in dict.fromkeys(image_attention(variant) for variant in ABLATION_VARIANTS):
         name = "stage1" if attention == "causal" else f"stage1-{attention}"
         stage1[attention], stage1_metrics[attention] = _train(
             recipes / "stage1.toml", output, plan.stage1_steps,
             (*plan.stage1_overrides, f"model.image_attention={attention}", f"output={output / name}"))
-        mark = lap(name, mark)
+        clock.lap(name)
 
     questions = folders["heldout"] / "heldout_questions.jsonl"
     qa_file, caption_file = split_question_file(questions, output / "eval", plan.caption_bleu_images)
@@ -166,14 +148,15 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
     if jobs == 1:
         per_seed = [run_seed(seed) for seed in range(seeds)]
     else:  # one process per seed, the cores split between them: a tiny model uses one core better than two
-        log.info("ablate: %d seeds in %d processes of %d thread(s)", seeds, jobs, torch.get_num_threads() // jobs)
+        threads = torch.get_num_threads() // jobs
+        log.info("ablate: %d seeds in %d processes of %d thread(s)", seeds, jobs, threads)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup,
-                                 initargs=(torch.get_num_threads() // jobs, logging.getLogger().level)) as pool:
+                                 initargs=(threads, logging.getLogger().level)) as pool:
             per_seed = list(pool.map(run_seed, range(seeds)))
     runs, variants, curves = [], {}, {v: [] for v in ABLATION_VARIANTS}
     for seed_runs, seed_curves, seed_phases in per_seed:
         runs += seed_runs
-        phases.update(seed_phases)
+        clock.phases.update(seed_phases)
         for run, metrics in zip(seed_runs, seed_curves):
             curves[run["variant"]].append(metrics)
             variants.setdefault(run["variant"], {key: run[key] for key in ("parameters", "tokens", "trainable")})
@@ -206,7 +189,7 @@ def run_ablation(output: Path, plan: AblationPlan, seeds: int = 1, recipes: Path
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     # > threads means other jobs shared the CPU and the wall times are pessimistic
                     "load_average_at_start": list(load_at_start), "load_average_at_end": list(os.getloadavg())},
-        "timing": {"total_s": time.perf_counter() - started, "phases": phases},
+        "timing": clock.summary(),
     }
     (output / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

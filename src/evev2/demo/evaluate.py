@@ -73,6 +73,13 @@ def evaluate_heldout(engine: InferenceEngine, qa_file: Path, caption_file: Path,
                             for name in ("final", "blind", "final-captions")}}
 
 
+def _box_tokens(box: list[int], scale: float, width: int, unit: int) -> list[int]:
+    """Indices, among an image's tokens, of the patches a pixel box (scaled to the resized image) touches."""
+    x0, y0, x1, y1 = (round(v * scale) for v in box)
+    return [grid_token_index(r, c, width, unit)
+            for r in range(y0 // unit, (y1 - 1) // unit + 1) for c in range(x0 // unit, (x1 - 1) // unit + 1)]
+
+
 def named_object_attention(engine: InferenceEngine, records: list[dict[str, Any]], scenes: list[dict[str, Any]],
                            image_root: Path, per_type: int = 60) -> dict[str, dict[str, Any]]:
     """Where the answer looks: for colour and shape questions in scenes of 2+ objects, per layer and head, the share
@@ -93,24 +100,20 @@ def named_object_attention(engine: InferenceEngine, records: list[dict[str, Any]
             objects = scene["objects"]
             if kind not in BINDING_TYPES or len(objects) < 2 or len(shares[kind]) >= per_type:
                 continue
-            named = [o for o in objects if NAMING[kind](SimpleNamespace(**o)).question == record["question"]]
+            named = next(i for i, o in enumerate(objects)
+                         if NAMING[kind](SimpleNamespace(**o)).question == record["question"])
             prompt = engine.prepare(GenerationRequest([{"from": "human", "value": f"<image>\n{record['question']}"}],
                                                       [str(image_root / record["image"])]))
             image = prompt.images[0]
             scale = image.shape[2] / scene["width"]  # boxes are in the scene's pixels, tokens in the resized image's
             at = int((prompt.input_ids == IMAGE_TOKEN_INDEX).nonzero()[0])  # the image's tokens replace it
-
-            def tokens(obj: dict[str, Any]) -> list[int]:
-                x0, y0, x1, y1 = (round(v * scale) for v in obj["box"])
-                return [at + grid_token_index(r, c, image.shape[2], unit)
-                        for r in range(y0 // unit, (y1 - 1) // unit + 1) for c in range(x0 // unit, (x1 - 1) // unit + 1)]
-
+            cells = [[at + i for i in _box_tokens(o["box"], scale, image.shape[2], unit)] for o in objects]
             with torch.no_grad():
                 attentions = model(input_ids=prompt.input_ids[None].to(engine.device),
                                    images=[image.to(engine.device, model.dtype)], output_attentions=True).attentions
             last = torch.stack([a[0, :, -1].float().cpu() for a in attentions])  # (layers, heads, S)
-            on_objects = sum(last[..., tokens(o)].sum(-1) for o in objects)
-            shares[kind].append(last[..., tokens(named[0])].sum(-1) / on_objects.clamp_min(1e-12))
+            on_objects = sum(last[..., tokens].sum(-1) for tokens in cells)
+            shares[kind].append(last[..., cells[named]].sum(-1) / on_objects.clamp_min(1e-12))
             random_object[kind].append(1 / len(objects))
     finally:
         model.set_attn_implementation(previous)

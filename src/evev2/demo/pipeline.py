@@ -47,10 +47,11 @@ HELDOUT_SEED = 0
 OWNED = ("world", "stage0", "stage1", "stage2_1", "stage2_2", "stage3", "eval", "final")
 
 
-class _Clock:
-    """Wall time per phase, for the report (the budget is the whole run, imports aside)."""
+class PhaseClock:
+    """Wall time per phase, logged as each ends, for the report (the budget is the whole run, imports aside)."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.start = self.mark = time.perf_counter()
         self.phases: dict[str, float] = {}
 
@@ -58,7 +59,7 @@ class _Clock:
         now = time.perf_counter()
         self.phases[name] = now - self.mark
         self.mark = now
-        log.info("demo: %s took %.1f s (%.1f s so far)", name, self.phases[name], now - self.start)
+        log.info("%s: %s took %.1f s (%.1f s so far)", self.label, name, self.phases[name], now - self.start)
 
     def summary(self) -> dict[str, Any]:
         return {"total_s": time.perf_counter() - self.start, "phases": dict(self.phases)}
@@ -130,7 +131,7 @@ def run_demo(output: Path, plan: DemoPlan, recipes: Path | None = None) -> dict[
     output.mkdir(parents=True, exist_ok=True)
     for name in OWNED:  # never score stale predictions or train from a previous run's exports
         shutil.rmtree(output / name, ignore_errors=True)
-    clock = _Clock()
+    clock = PhaseClock("demo")
 
     folders = build_world(plan, output / "world")
     clock.lap("world")
