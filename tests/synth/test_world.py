@@ -79,12 +79,14 @@ def test_answers_agree_with_the_scene(train_scenes):
         by_shape = {o.shape: o for o in scene.objects}
         by_color = {o.color: o for o in scene.objects}
         for item in scene.qa:
-            assert len(item.answer.split()) == 1  # single-word answers
             words = item.question.split()
+            assert len(item.answer.split()) == {"color": 4, "shape": 3}.get(item.type, 1)
             if item.type == "color":
-                assert by_shape[words[-2]].color == item.answer
+                named = by_shape[words[-2]]
+                assert item.answer == f"the {named.shape} is {named.color}"
             elif item.type == "shape":
-                assert by_color[words[-3]].shape == item.answer
+                named = by_color[words[-3]]
+                assert item.answer == f"{'an' if named.color == 'orange' else 'a'} {named.color} {named.shape}"
             elif item.type == "count":
                 assert item.answer == NUMBER_WORDS[len(scene.objects)]
             elif item.type == "text":
@@ -218,7 +220,8 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
     write_world(tmp_path / "b", 40, seed=3)
     write_world(tmp_path / "c", 40, seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
-    assert a == b and len(a) == 40 + 8  # images + json, captions, colours, shapes, questions, text, manifest, shard
+    assert a == b and len(a) == 40 + 9  # images + json, captions, colours, shapes, perception, questions, text,
+    # manifest, shard
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in ("train.json", "train_text.txt"))
 
 
@@ -248,7 +251,8 @@ def test_cli_writes_llava_json_webdataset_and_text(tmp_path):
     assert all(q["objects"] == len(r["objects"]) for q, r in
                zip(questions, (r for r in records for _ in range(len(r["qa"]) + 1))))
     lines = (out / "train_text.txt").read_text().splitlines()
-    assert len(lines) == sum(1 + len(r["qa"]) for r in records)
+    # caption, every question, and a one-object scene's perception question
+    assert len(lines) == sum(1 + len(r["qa"]) + (len(r["objects"]) == 1) for r in records)
     assert lines[0] == first["caption"]
     main(["data", "synth", "--out", str(out), "--n", "30", "--split", "heldout"])
     held = json.loads((out / "heldout.json").read_text())
@@ -277,7 +281,7 @@ def test_shapes_and_colors_files_ask_a_one_object_scene_its_question_alone(tmp_p
         item = next(q for q in scene.qa if q.type == kind)
         assert record["conversations"] == [{"from": "human", "value": f"<image>\n{item.question}"},
                                            {"from": "gpt", "value": item.answer}]
-        assert item.answer == getattr(scene.layout.objects[0], kind)
+        assert item.answer.split()[-1] == getattr(scene.layout.objects[0], kind)
 
 
 @pytest.mark.parametrize("kind", ["shape", "color"])
@@ -295,13 +299,23 @@ def test_naming_conversations_ask_about_every_object_once_in_varied_order(tmp_pa
         for human, gpt in zip(turns[::2], turns[1::2]):
             named = [o for o in scene.objects if f" {getattr(o, other)} " in human["value"]]
             assert len(named) == 1, human  # the question names exactly one object of the scene
-            assert gpt["value"] == getattr(named[0], kind)
+            assert gpt["value"].split()[-1] == getattr(named[0], kind)
             asked[named[0]] = gpt["value"]
         assert set(asked) == set(scene.objects)  # every object once
         if len(scene.objects) > 1:
             ordered = sorted(scene.objects, key=lambda o: (o.box[1], o.box[0]))
             first_asked[turns[0]["value"] == f"<image>\n{NAMING[kind](ordered[0]).question}"] += 1
     assert first_asked[True] and first_asked[False]  # not always in reading order
+
+
+def test_perception_file_asks_each_one_object_scene_its_shape_as_a_bare_word(tmp_path):
+    manifest = write_world(tmp_path, 30, seed=2, level=2)
+    perception = json.loads((tmp_path / manifest["perception"]).read_text())
+    alone = [s for s in generate_world(30, seed=2, level=2) if len(s.objects) == 1]
+    assert 0 < len(alone) < 30 and [r["image"] for r in perception] == [f"images/train/{s.key}.png" for s in alone]
+    for record, scene in zip(perception, alone):
+        assert record["conversations"] == [{"from": "human", "value": "<image>\nwhat shape is this ?"},
+                                           {"from": "gpt", "value": scene.objects[0].shape}]
 
 
 def test_every_question_type_opens_some_training_conversations(train_scenes):

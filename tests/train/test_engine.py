@@ -185,6 +185,12 @@ def test_sigterm_saves_and_exits_cleanly(tiny_vlm_dir, tiny_world_dir, tmp_path)
     assert len(launches) == 2 and launches[-1]["versions"]["torch"] == torch.__version__
 
 
+# Two ranks sum gradients in another order than one process; Adam turns that into update differences of a small
+# fraction of one step on weights whose gradients are near zero (measured: up to 1.7e-5). A sharding error moves
+# weights by whole steps (lr 3e-3 in `write_recipe`).
+WEIGHT_ATOL = 3e-5
+
+
 @pytest.mark.slow  # torchrun
 def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision", "text"]',
@@ -196,7 +202,7 @@ def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_pat
                    env=env, check=True, capture_output=True, timeout=300)
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
     torch.testing.assert_close(weights(tmp_path / "two" / "export"), weights(tmp_path / "one" / "export"),
-                               rtol=0, atol=1e-5)
+                               rtol=0, atol=WEIGHT_ATOL)
 
 
 @pytest.mark.slow  # torchrun + inductor
@@ -211,7 +217,7 @@ def test_fsdp2_with_compiled_checkpointed_layers_equals_eager_one_process(tiny_v
                    env=env, check=True, capture_output=True, timeout=300)
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
     torch.testing.assert_close(weights(tmp_path / "two" / "export"), weights(tmp_path / "one" / "export"),
-                               rtol=0, atol=1e-5)
+                               rtol=0, atol=WEIGHT_ATOL)
 
 
 @pytest.mark.parametrize("edit,message", [

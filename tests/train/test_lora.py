@@ -17,7 +17,8 @@ from evev2.train.engine import Trainer
 from evev2.train.groups import parameter_groups
 from evev2.train.lora import export_lora
 from evev2.train.recipe import RecipeError, load_recipe
-from tests.train.test_engine import changed, losses, sigkill_after_checkpoint, weights, write_recipe
+from tests.train.test_engine import (WEIGHT_ATOL, changed, losses, sigkill_after_checkpoint, weights,
+                                     write_recipe)
 
 LORA = "[lora]\nrank = 4\nalpha = 8.0\ndropout = {dropout}\ngroups = {groups}\n"
 
@@ -116,7 +117,7 @@ def test_fsdp2_two_ranks_equal_one_process(tiny_vlm_dir, tiny_world_dir, tmp_pat
                    env=env, check=True, capture_output=True, timeout=300)
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
     torch.testing.assert_close(weights(tmp_path / "two" / "export"), weights(tmp_path / "one" / "export"),
-                               rtol=0, atol=1e-5)
+                               rtol=0, atol=WEIGHT_ATOL)
     assert EVEForCausalLM.from_pretrained(tmp_path / "two" / "export").config.image_attention == "bidirectional"
 
 

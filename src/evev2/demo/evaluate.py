@@ -83,7 +83,8 @@ def _box_tokens(box: list[int], scale: float, width: int, unit: int) -> list[int
 def named_object_attention(engine: InferenceEngine, records: list[dict[str, Any]], scenes: list[dict[str, Any]],
                            image_root: Path, per_type: int = 60) -> dict[str, dict[str, Any]]:
     """Where the answer looks: for colour and shape questions in scenes of 2+ objects, per layer and head, the share
-    of the answering position's attention on object tokens that lands on the object the question names.
+    of the answering position's attention on object tokens that lands on the object the question names. The
+    answering position is the one that predicts the answer's last word ("star" of "a red star": the colour word's).
 
     1/n (the mean of `random_object`) is a head that looks at every object alike; a head well above it finds the
     object, which is what binding needs. -> {type: {"share": [layer][head], "best": {...}, "random_object", "questions"}}
@@ -104,12 +105,15 @@ def named_object_attention(engine: InferenceEngine, records: list[dict[str, Any]
                          if NAMING[kind](SimpleNamespace(**o)).question == record["question"])
             prompt = engine.prepare(GenerationRequest([{"from": "human", "value": f"<image>\n{record['question']}"}],
                                                       [str(image_root / record["image"])]))
+            lead = record["answer"].rpartition(" ")[0]  # the answer's words before the last, teacher-forced
+            lead_ids = engine.tokenizer(f" {lead}", add_special_tokens=False, return_tensors="pt").input_ids[0]
+            input_ids = torch.cat([prompt.input_ids, lead_ids]) if lead else prompt.input_ids
             image = prompt.images[0]
             scale = image.shape[2] / scene["width"]  # boxes are in the scene's pixels, tokens in the resized image's
             at = int((prompt.input_ids == IMAGE_TOKEN_INDEX).nonzero()[0])  # the image's tokens replace it
             cells = [[at + i for i in _box_tokens(o["box"], scale, image.shape[2], unit)] for o in objects]
             with torch.no_grad():
-                attentions = model(input_ids=prompt.input_ids[None].to(engine.device),
+                attentions = model(input_ids=input_ids[None].to(engine.device),
                                    images=[image.to(engine.device, model.dtype)], output_attentions=True).attentions
             last = torch.stack([a[0, :, -1].float().cpu() for a in attentions])  # (layers, heads, S)
             on_objects = sum(last[..., tokens].sum(-1) for tokens in cells)

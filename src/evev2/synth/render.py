@@ -1,4 +1,4 @@
-"""Draw a synthetic layout with PIL: flat background, filled shapes, one word in the built-in scalable font."""
+"""Draw a synthetic layout with PIL: flat background, filled shapes, one outlined word in the built-in font."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
-from evev2.synth.layout import Box, Layout, SceneObject
+from evev2.synth.layout import TEXT_STROKE_PX, Box, Layout, SceneObject
 
 _STAR_INNER_RATIO = 0.45  # inner/outer radius: fat enough that a 32-px star is still a star
 _CROSS_ARM_RATIO = 1 / 3  # arm thickness / box side
@@ -56,6 +56,8 @@ def render_layout(layout: Layout) -> Image.Image:
     for obj in layout.objects:
         _draw_object(draw, obj)
     if layout.text is not None:
-        font = ImageFont.load_default(size=layout.text.font_size)
-        draw.text(layout.text.box[:2], layout.text.word, font=font, fill=layout.text.rgb, anchor="lt")
+        text = layout.text
+        x0, y0 = (v + TEXT_STROKE_PX for v in text.box[:2])  # the outlines, not the glyphs, start at the box
+        draw.text((x0, y0), text.word, font=ImageFont.load_default(size=text.font_size), fill=text.rgb, anchor="lt",
+                  stroke_width=TEXT_STROKE_PX, stroke_fill=text.rgb)
     return image

@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from evev2 import jsonio
-from evev2.synth.language import CAPTION_PROMPT, NAMING, QA, make_caption, make_qa
+from evev2.synth.language import CAPTION_PROMPT, NAMING, QA, make_caption, make_qa, perception_qa
 from evev2.synth.render import render_layout
 from evev2.synth.layout import (
     COLORS,
@@ -86,7 +86,7 @@ def training_turns(rng: random.Random, qa: tuple[QA, ...], caption: str, objects
     random order in which no answer can be read off the text of an earlier turn.
 
     Evaluation asks each question alone, so a question that training answers by copying from the conversation (the
-    caption names every shape; "what shape is the red object ? star" answers a later "what color is the star ?")
+    caption names every shape; "what shape is the red object ? a red star" answers a later "what color is the star ?")
     teaches copying, not looking. So: the caption, which states everything, is a conversation of its own; the relation
     question, which names two objects' colours and shapes, comes after the colour and shape questions, or opens the
     conversation without them (one in `RELATION_FIRST`: a question never asked first in training is one the model
@@ -202,12 +202,17 @@ def question_records(scene: Scene, image_path: str) -> list[dict[str, Any]]:
 
 
 def corpus_lines(scenes: list[Scene]) -> list[str]:
-    """Text-only corpus in the same language: per scene its caption, then one "question answer" line per QA."""
+    """Text-only corpus in the same language: per scene its caption, then one "question answer" line per QA (and the
+    perception question of a one-object scene)."""
     lines = []
     for scene in scenes:
         lines.append(scene.caption)
-        lines += [f"{item.question} {item.answer}" for item in scene.qa]
+        lines += [f"{item.question} {item.answer}" for item in _perception(scene) + scene.qa]
     return lines
+
+
+def _perception(scene: Scene) -> tuple[QA, ...]:
+    return (perception_qa(scene.objects[0]),) if len(scene.objects) == 1 else ()
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -224,6 +229,7 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     `images/{split}/NNNNNN.png`, `{split}.json` (LLaVA records, image paths relative to `out_dir`),
     `{split}_captions.json` (image-caption pairs for the pretraining stages), `{split}_shapes.json` and
     `{split}_colors.json` (each scene's naming conversation, `naming_turns`: one question per object),
+    `{split}_perception.json` (each one-object scene asked `perception_qa` alone),
     `shards/{split}-NNNNNN.tar` (`NNNNNN.png` + `NNNNNN.json` per sample), `{split}_questions.jsonl` (one
     record per question, for evaluation), `{split}_text.txt`, `{split}_manifest.json`.
     Stale files of an earlier run of the same split are removed first.
@@ -264,6 +270,10 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
         rows = [{"id": r["id"], "image": r["image"], "conversations": llava_conversation(naming_turns(scene, kind))}
                 for r, scene in zip(records, scenes)]
         jsonio.write_json_records(naming[kind], rows)
+    perception_path = out / f"{split}_perception.json"
+    jsonio.write_json_records(perception_path, [
+        {"id": r["id"], "image": r["image"], "conversations": llava_conversation([(item.question, item.answer)])}
+        for r, scene in zip(records, scenes) for item in _perception(scene)])
     questions_path = out / f"{split}_questions.jsonl"
     jsonio.write_jsonl(questions_path, questions)
     text_path = out / f"{split}_text.txt"
@@ -273,6 +283,7 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
         "split": split, "n": n, "seed": seed, "level": level,
         "json": json_path.name, "captions": captions_path.name, "colors": naming["color"].name,
         "shapes": naming["shape"].name,
+        "perception": perception_path.name,
         "questions": questions_path.name, "text": text_path.name,
         "shards": sorted(p.name for p in shard_dir.glob(f"{split}-*.tar")),
         "qa_counts": dict(sorted(qa_counts.items())),
