@@ -65,8 +65,8 @@ FULL_PLAN = DemoPlan(
     stages=(
         StagePlan("stage1.toml", steps=40),
         StagePlan("stage2_1.toml", steps=300),
-        StagePlan("stage2_2.toml", steps=480),
-        StagePlan("stage3.toml", steps=210),
+        StagePlan("stage2_2.toml", steps=400),
+        StagePlan("stage3.toml", steps=300),
     ),
 )
 
