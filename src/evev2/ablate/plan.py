@@ -3,10 +3,10 @@
 Every variant gets the same stage-2 steps on the same samples in the same order, hence the same training tokens, and
 then the same SFT steps on the same samples (the paper's protocol: VQA is measured after a shared SFT stage, since a
 variant whose LLM stayed frozen in stage 2 cannot answer questions yet). Seeds run side by side, one process each (see
-`run_ablation`). The full plan with `--seeds 2` took about 28.5 minutes on 2 CPU cores (measured 2026-12-01, before
-the world's answers named the object and the stage-0 LLM trained 120 steps: 89 s for world, stage 0 and both stage
-1s; then per variant, both seeds at once on one core each, 174-194 s of stage 2 (240 steps), 9-10 s of caption loss
-and perplexity, 85-96 s of SFT (80 steps) and 36-41 s of evaluation). `--quick` is the half-minute version the tests
+`run_ablation`). The full plan with `--seeds 2` took 33.8 minutes on 2 CPU cores (measured 2026-12-01, on a machine then
+running 1.1-1.5x slower than in earlier runs: 128 s for world, stage 0 and both stage 1s; then per variant, both seeds
+at once on one core each, 193-231 s of stage 2 (200 steps), 11-15 s of caption loss and perplexity, 95-126 s of SFT
+(70 steps) and 46-61 s of evaluation). `--quick` is the half-minute version the tests
 run.
 """
 
@@ -34,7 +34,7 @@ class AblationPlan:
     eval_batch_size: int = 64
 
 
-FULL_ABLATION = AblationPlan(world=FULL_PLAN, stage1_steps=40, stage2_steps=240, sft_steps=80)
+FULL_ABLATION = AblationPlan(world=FULL_PLAN, stage1_steps=40, stage2_steps=200, sft_steps=70)
 
 # Single-object scenes at 96 px everywhere, a 24-image held-out split: seconds per variant.
 _QUICK_DATA = ('data.sources=[{ name = "level1-qa", type = "llava", path = "$output/world/level1/train.json" }]',
