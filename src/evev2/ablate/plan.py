@@ -6,8 +6,7 @@ variant whose LLM stayed frozen in stage 2 cannot answer questions yet). Seeds r
 `run_ablation`). The full plan with `--seeds 2` took 33.8 minutes on 2 CPU cores (measured 2026-12-01, on a machine then
 running 1.1-1.5x slower than in earlier runs: 128 s for world, stage 0 and both stage 1s; then per variant, both seeds
 at once on one core each, 193-231 s of stage 2 (200 steps), 11-15 s of caption loss and perplexity, 95-126 s of SFT
-(70 steps) and 46-61 s of evaluation). `--quick` is the half-minute version the tests
-run.
+(70 steps) and 46-61 s of evaluation). `--quick` is the half-minute version the tests run.
 """
 
 from __future__ import annotations

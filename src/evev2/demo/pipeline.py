@@ -108,9 +108,9 @@ def build_llm(plan: DemoPlan, folders: dict[str, Path], out: Path) -> tuple[Path
     # the conversations the VLM will be asked, with stage 2.1's perception question from every level: through a
     # frozen LLM that has rarely answered it in the chat template, stage 2.1 stalls (measured: its loss 0.81 after
     # 200 steps with level 3's one-object scenes alone, 0.55 with every level's)
-    records = jsonio.read_json(full / "train.json") + [
-        record for level in plan.train_images for record in jsonio.read_json(folders[f"level{level}"] /
-                                                                              "train_perception.json")]
+    perception = [record for level in plan.train_images
+                  for record in jsonio.read_json(folders[f"level{level}"] / "train_perception.json")]
+    records = jsonio.read_json(full / "train.json") + perception
     documents = nonblank_lines(full / "train_text.txt") + chat_documents(records, CHAT_TEMPLATE)
     tokenizer = train_world_tokenizer(documents, plan.vocab_size)
     llm = pretrain_llm(tokenizer, documents, out, plan.llm, plan.llm_steps, plan.llm_batch_rows)

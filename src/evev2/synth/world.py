@@ -11,7 +11,7 @@ import itertools
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -215,6 +215,13 @@ def _perception(scene: Scene) -> tuple[QA, ...]:
     return (perception_qa(scene.objects[0]),) if len(scene.objects) == 1 else ()
 
 
+def _write_conversations(path: Path, records: list[dict[str, Any]], scenes: list[Scene],
+                         turns_of: Callable[[Scene], list[tuple[str, str]]]) -> None:
+    """LLaVA records on the scenes' images, one per scene that `turns_of` gives (question, answer) turns for."""
+    jsonio.write_json_records(path, [{"id": r["id"], "image": r["image"], "conversations": llava_conversation(turns)}
+                                     for r, scene in zip(records, scenes) if (turns := turns_of(scene))])
+
+
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -264,16 +271,12 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     # naming shapes is learnt only from shape questions on their own (measured: mixed with the other questions, the
     # vision weights learn the answer prior, not the image); colour questions on their own bring colour back
     # afterwards, and asked about every object of a scene they teach finding the one a question names
-    naming = {}
-    for kind in ("color", "shape"):
-        naming[kind] = out / f"{split}_{kind}s.json"
-        rows = [{"id": r["id"], "image": r["image"], "conversations": llava_conversation(naming_turns(scene, kind))}
-                for r, scene in zip(records, scenes)]
-        jsonio.write_json_records(naming[kind], rows)
+    naming = {kind: out / f"{split}_{kind}s.json" for kind in ("color", "shape")}
+    for kind, path in naming.items():
+        _write_conversations(path, records, scenes, lambda scene: naming_turns(scene, kind))
     perception_path = out / f"{split}_perception.json"
-    jsonio.write_json_records(perception_path, [
-        {"id": r["id"], "image": r["image"], "conversations": llava_conversation([(item.question, item.answer)])}
-        for r, scene in zip(records, scenes) for item in _perception(scene)])
+    _write_conversations(perception_path, records, scenes,
+                         lambda scene: [(item.question, item.answer) for item in _perception(scene)])
     questions_path = out / f"{split}_questions.jsonl"
     jsonio.write_jsonl(questions_path, questions)
     text_path = out / f"{split}_text.txt"
