@@ -68,7 +68,8 @@ def main(repeats: int = 5) -> list[list[object]]:
     print(f"\nrouted / dense = {t_routed / t_dense:.3f} (goal <= 1.10); "
           f"mask-blend / routed = {t_blend / t_routed:.3f} (goal >= 1.6); "
           f"bidirectional / causal image attention = {t_bidir / t_routed:.3f} (one sample per row: causal needs no "
-          f"mask), {t['packed_bidir'] / t['packed']:.3f} with two samples packed per row (both need one)")
+          f"mask), {t['packed_bidir'] / t['packed']:.3f} with two samples packed per row (causal: SDPA sample by "
+          f"sample, no mask; bidirectional: one block mask per row)")
     return rows
 
 

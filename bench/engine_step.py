@@ -13,9 +13,9 @@ WebDataset shards, decode the JPEGs, tokenize and pack, then gradient clipping a
   twin, saved in bf16 with an `EVEProcessor` (plain template) and the tokenizer; cached in `--data`.
 * configurations, as recipe overrides (global batch 2 = the anchor batch, all groups trainable, `model.dtype = "auto"`):
   `rows_*`: one sample per row, SDPA (`token_budget` = one sample, both rows in one micro-batch); `packed_*`: both
-  samples in one row, `attn_implementation = "auto"` (FlexAttention on GPU); `*_compiled` / `*_eager`:
-  `train.compile`; `*_w0`: `data.num_workers = 0` (else "auto"); `seq4096_compiled`: the seq4096 batch with the
-  faster of rows/packed on the anchor batch.
+  samples in one row, `attn_implementation = "auto"` (FlexAttention on GPU), `packed_sdpa_*` "sdpa" (causal SDPA
+  sample by sample); `*_compiled` / `*_eager`: `train.compile`; `*_w0`: `data.num_workers = 0` (else "auto");
+  `seq4096_compiled`: the seq4096 batch with the packing and attention of the fastest anchor configuration.
 Each configuration runs `Trainer(...).train()` in this process for `--warmup` + `--steps` steps and reads its
 metrics.jsonl. Step time: mean `step_time_s` after the warm-up (the first step holds the compilation); unlike the
 synthetic step it includes the data wait, the optimiser step and gradient clipping. Also tokens/s, MFU (gpu_train_step's
@@ -86,14 +86,16 @@ class Config:
 
     name: str
     batch: str  # a BATCHES key
-    packed: bool | None  # both samples in one row (attention "auto": FlexAttention on GPU); None: the faster on anchor
+    packed: bool | None  # both samples in one row; None: as the fastest anchor configuration
     compile: bool  # train.compile
     workers: int | str  # data.num_workers
+    attention: str = "auto"  # model.attn_implementation of packed rows ("auto": FlexAttention on GPU)
 
 
 CONFIGS = {c.name: c for c in (
     Config("rows_compiled", "anchor", False, True, "auto"),
     Config("packed_compiled", "anchor", True, True, "auto"),
+    Config("packed_sdpa_compiled", "anchor", True, True, "auto", "sdpa"),
     Config("seq4096_compiled", "seq4096", None, True, "auto"),
     Config("rows_compiled_w0", "anchor", False, True, 0),
     Config("rows_eager", "anchor", False, False, "auto"),
@@ -230,7 +232,7 @@ def flops_per_step(dims: str, batch: str) -> float:
 def overrides(config: Config, shards: Path) -> list[str]:
     (height, width), _ = BATCHES[config.batch]
     sample = sample_tokens(config.batch)
-    return [f"model.attn_implementation={'auto' if config.packed else 'sdpa'}",
+    return [f"model.attn_implementation={config.attention if config.packed else 'sdpa'}",
             f"train.compile={str(config.compile).lower()}",
             f"data.num_workers={config.workers}",
             f"data.token_budget={2 * sample if config.packed else sample}",
@@ -341,9 +343,10 @@ def ratios(records: list[dict], smoke: bool) -> dict:
 
 
 def faster_packing(config: Config, records: list[dict]) -> Config:
-    """`config` packed if packed_compiled beat rows_compiled on the anchor batch, else one sample per row."""
+    """`config` with the packing and attention of the fastest compiled anchor configuration."""
     ms = {r["config"]: r["ms"] for r in records if r["kind"] == "engine" and "ms" in r}
-    return replace(config, packed=ms.get("packed_compiled", math.inf) < ms.get("rows_compiled", math.inf))
+    best = CONFIGS[min(("rows_compiled", "packed_compiled", "packed_sdpa_compiled"), key=lambda n: ms.get(n, math.inf))]
+    return replace(config, packed=best.packed, attention=best.attention)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-BENCHMARKS = ["dnc_overhead", "train_step", "data_throughput", "serve_load"]
+BENCHMARKS = ["dnc_overhead", "packed_attention", "train_step", "data_throughput", "serve_load"]
 
 
 def main() -> None:

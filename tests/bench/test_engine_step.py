@@ -84,6 +84,7 @@ def test_the_trainer_ran_every_configuration(engine_step, smoke):
         assert r["tokens_per_step"] == 2 * SMOKE_SAMPLE_TOKENS and r["tokens_per_s"] > 0 and r["mfu"] > 0
     assert engine["rows_compiled_w0"]["workers"] == 0 and engine["rows_compiled"]["workers"] == 2
     assert engine["packed_compiled"]["packed"] and not engine["rows_compiled"]["packed"]
+    assert engine["packed_sdpa_compiled"]["packed"] and engine["packed_sdpa_compiled"]["attention"] == "sdpa"
     assert engine["seq4096_compiled"]["packed"] in (True, False)  # resolved from the anchor configurations
 
 

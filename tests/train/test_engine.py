@@ -186,9 +186,10 @@ def test_sigterm_saves_and_exits_cleanly(tiny_vlm_dir, tiny_world_dir, tmp_path)
 
 
 # Two ranks sum gradients in another order than one process; Adam turns that into update differences of a small
-# fraction of one step on weights whose gradients are near zero (measured: up to 1.7e-5). A sharding error moves
-# weights by whole steps (lr 3e-3 in `write_recipe`).
-WEIGHT_ATOL = 3e-5
+# fraction of one step on weights whose gradients are near zero (measured: up to 4.9e-5; and 5.3e-5 between two
+# single-process runs whose attention kernels only sum in another order). A sharding error moves weights by whole
+# steps (lr 3e-3 in `write_recipe`): the tolerance is a tenth of one.
+WEIGHT_ATOL = 3e-4
 
 
 @pytest.mark.slow  # torchrun

@@ -31,6 +31,7 @@ from transformers.utils import can_return_tuple
 from evev2.constants import IGNORE_INDEX
 from evev2.model.configuration_eve import EVEConfig
 from evev2.model.loss import linear_cross_entropy_sum
+from evev2.model.packed_attention import PackedSamples
 from evev2.model.patch_embed import EVEPatchEmbedding
 from evev2.model.reparam import GatedVisionDelta
 from evev2.model.routing import ModalityRouter
@@ -64,9 +65,12 @@ class EVEAttention(Qwen2Attention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        packed: PackedSamples | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(output in stream layout, attention weights (B, H, L, S) where the backend returns them (eager))."""
+        """(output in stream layout, attention weights (B, H, L, S) where the backend returns them (eager)).
+
+        `packed`: causal SDPA sample by sample over packed rows, instead of `attention_mask`."""
         B, L = router.shape
         q = router.to_sequence(router(self.q_proj, self.vision_q_proj, hidden_states))  # (B, L, H*Hd)
         k = router.to_sequence(router(self.k_proj, self.vision_k_proj, hidden_states))  # (B, L, Hkv*Hd)
@@ -78,10 +82,13 @@ class EVEAttention(Qwen2Attention):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(self, q, k, v, attention_mask,
-                                 dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
-                                 **kwargs)  # (B, L, H, Hd)
+        dropout = self.attention_dropout if self.training else 0.0
+        if packed is not None:
+            out, weights = packed.attend(q, k, v, self.scaling, dropout), None  # (B, L, H*Hd)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling,
+                                     **kwargs)  # (B, L, H, Hd)
         out = router.to_stream(out.reshape(B, L, -1))  # (N, H*Hd)
         return router(self.o_proj, self.vision_o_proj, out), weights
 
@@ -108,12 +115,13 @@ class EVEDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        packed: PackedSamples | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output in stream layout, the attention weights if the backend returns them)."""
         residual = hidden_states
         h = router(self.input_layernorm, self.vision_input_layernorm, hidden_states)
-        attended, weights = self.self_attn(h, router, position_embeddings, attention_mask, cache, **kwargs)
+        attended, weights = self.self_attn(h, router, position_embeddings, attention_mask, cache, packed, **kwargs)
         hidden_states = residual + attended
         residual = hidden_states
         h = router(self.post_attention_layernorm, self.vision_post_attention_layernorm, hidden_states)
@@ -267,9 +275,12 @@ class EVEModel(EVEPreTrainedModel):
             mm_token_type_ids = torch.zeros(B, L, dtype=torch.long, device=inputs_embeds.device)
 
         blocks = self.image_blocks(image_ids, mm_token_type_ids, text_only, past, attention_mask)
-        if packed:  # block-diagonal causal: attention never crosses packed samples
+        samples = None
+        if packed and blocks is None and self.config._attn_implementation == "sdpa":
+            samples, mask = PackedSamples.from_sample_ids(attention_mask), None  # causal SDPA sample by sample
+        elif packed:  # block-diagonal causal: attention never crosses packed samples
             segments = attention_mask
-            mask = create_causal_mask(self.config, inputs_embeds, segments > 0, None, position_ids,
+            mask = create_causal_mask(self.config, inputs_embeds, segments >= 0, None, position_ids,
                                       and_mask_function=lambda b, h, q, kv: segments[b, q] == segments[b, kv],
                                       block_sequence_ids=blocks)
         else:
@@ -284,7 +295,7 @@ class EVEModel(EVEPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 states.append(router.to_sequence(hidden))  # what each layer reads; the first is the embeddings
-            hidden, weights = layer(hidden, router, position_embeddings, mask, cache, **kwargs)
+            hidden, weights = layer(hidden, router, position_embeddings, mask, cache, samples, **kwargs)
             attentions.append(weights)
         last = router.to_sequence(self.norm(hidden))
         return BaseModelOutputWithPast(last_hidden_state=last, cache=cache if use_cache else None,

@@ -11,11 +11,51 @@ FLOPs and exists only as a numerical oracle and benchmark baseline.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 Module = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor, reads_zero: bool) -> torch.Tensor:
+    """x[index], where index may name x.shape[0], a zero row, if `reads_zero`."""
+    if reads_zero:
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return x.index_select(0, index)
+
+
+@dataclass(frozen=True)
+class RowMove:
+    """A one-to-one move of rows, y = [x; 0][index]: row i of x lands in row inverse[i] of y, or nowhere if inverse[i]
+    = len(y); a row of y that receives none has index len(x) and is zero. `reverse()` moves back.
+
+    Its backward is the move back, a gather: an indexing backward is a scatter-add, a large share of a CPU step.
+    """
+
+    index: torch.Tensor  # (len(y),)
+    inverse: torch.Tensor  # (len(x),)
+    index_reads_zero: bool = False  # y has rows that receive none
+    inverse_reads_zero: bool = False  # x has rows that land nowhere
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _MoveRows.apply(x, self)
+
+    def reverse(self) -> RowMove:
+        return RowMove(self.inverse, self.index, self.inverse_reads_zero, self.index_reads_zero)
+
+
+class _MoveRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, move: RowMove) -> torch.Tensor:
+        ctx.move = move
+        return _take_rows(x, move.index, move.index_reads_zero)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        move = ctx.move
+        return _take_rows(grad, move.inverse, move.inverse_reads_zero), None
 
 
 class ModalityRouter:
@@ -42,19 +82,21 @@ class ModalityRouter:
             return
         self.mode = "sorted"
         self.num_text = flat.numel() - num_vision
-        self.order = torch.argsort(flat.to(torch.uint8), stable=True)  # text rows first, then vision rows
-        self.inverse = torch.empty_like(self.order)
-        self.inverse[self.order] = torch.arange(flat.numel(), device=flat.device)
+        order = torch.argsort(flat.to(torch.uint8), stable=True)  # text rows first, then vision rows
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(flat.numel(), device=flat.device)
+        self.sort = RowMove(order, inverse)
+        self.unsort = self.sort.reverse()
 
     def to_stream(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, F] sequence layout -> [N, F] stream layout (sorted by modality in "sorted" mode)."""
         x = x.reshape(-1, x.shape[-1])
-        return x[self.order] if self.mode == "sorted" else x
+        return self.sort(x) if self.mode == "sorted" else x
 
     def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """[N, F] stream layout -> [B, L, F] sequence layout."""
         if self.mode == "sorted":
-            x = x[self.inverse]
+            x = self.unsort(x)
         return x.view(*self.shape, x.shape[-1])
 
     def __call__(self, text: Module, vision: Module | None, x: torch.Tensor) -> torch.Tensor:
