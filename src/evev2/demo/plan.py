@@ -65,7 +65,7 @@ FULL_PLAN = DemoPlan(
     variant="v2.0",
     stages=(
         StagePlan("stage1.toml", steps=40),
-        StagePlan("stage2_1.toml", steps=300),
+        StagePlan("stage2_1.toml", steps=260),
         StagePlan("stage2_2.toml", steps=400),
         StagePlan("stage3.toml", steps=300),
     ),
