@@ -5,9 +5,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# Idle OpenMP threads sleep instead of spinning: with two torch processes on 2 cores (a test server, a torchrun pair,
-# a benchmark subprocess) spinning threads make each other ~10x slower.
-export OMP_WAIT_POLICY := PASSIVE
+# Tests and benchmarks: idle OpenMP threads sleep instead of spinning. With two torch processes on 2 cores (a test
+# server, a torchrun pair, a benchmark subprocess) spinning threads make each other ~10x slower. Not for the demo, one
+# training process: sleeping threads made its steps up to 1.2x slower (README, demo).
+PASSIVE := OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: setup test test-fast demo bench clean
 
@@ -25,7 +26,7 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	touch $(STAMP)
 
 # Two workers (pytest-xdist), one test module each at a time: module-scoped fixtures (the quick demo) run once.
-TEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+TEST := $(PASSIVE) $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: setup
 	$(TEST) tests
@@ -38,7 +39,7 @@ demo: setup
 	$(BIN)/evev2 demo
 
 bench: setup
-	$(BIN)/python bench/run_all.py
+	$(PASSIVE) $(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -67,7 +67,7 @@ FULL_PLAN = DemoPlan(
         StagePlan("stage1.toml", steps=40),
         StagePlan("stage2_1.toml", steps=260),
         StagePlan("stage2_2.toml", steps=400),
-        StagePlan("stage3.toml", steps=300),
+        StagePlan("stage3.toml", steps=360),
     ),
 )
 
