@@ -40,7 +40,7 @@ class RowMove:
     inverse_reads_zero: bool = False  # x has rows that land nowhere
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _MoveRows.apply(x, self)
+        return _MoveRows.apply(x, self.index, self.inverse, self.index_reads_zero, self.inverse_reads_zero)
 
     def reverse(self) -> RowMove:
         return RowMove(self.inverse, self.index, self.inverse_reads_zero, self.index_reads_zero)
@@ -48,14 +48,16 @@ class RowMove:
 
 class _MoveRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, move: RowMove) -> torch.Tensor:
-        ctx.move = move
-        return _take_rows(x, move.index, move.index_reads_zero)
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, index_reads_zero: bool,
+                inverse_reads_zero: bool) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.inverse_reads_zero = inverse_reads_zero
+        return _take_rows(x, index, index_reads_zero)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        move = ctx.move
-        return _take_rows(grad, move.inverse, move.inverse_reads_zero), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (inverse,) = ctx.saved_tensors
+        return _take_rows(grad, inverse, ctx.inverse_reads_zero), None, None, None, None
 
 
 class ModalityRouter:
