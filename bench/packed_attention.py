@@ -1,5 +1,6 @@
 """Attention over packed rows: sample-by-sample causal SDPA (`PackedSamples`, what training runs with SDPA) against
-one block-causal mask per row (SDPA with the boolean mask that HF's `create_causal_mask` builds, what it ran before).
+one block-causal mask per row (SDPA with a boolean mask equal to the one HF's `create_causal_mask` built for it, what
+training ran before).
 
 Forward + backward of the attention alone, q/k/v random, on rows packed as the demo's stage 2.2 packs them (8 rows of
 640 tokens, samples of 60-280 tokens, the last row half padding; 4 heads of 32) and as a larger model's would be

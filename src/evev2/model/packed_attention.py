@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from evev2.model.routing import RowMove
+from evev2.model.splice import run_starts
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,7 @@ class PackedSamples:
         B, L = sample_ids.shape
         n, device = B * L, sample_ids.device
         flat = sample_ids.reshape(-1)
-        new_run = torch.ones(n, dtype=torch.bool, device=device)
-        new_run[1:] = flat[1:] != flat[:-1]
-        new_run[::L] = True  # every row starts a run
-        starts = new_run.nonzero().squeeze(1)
+        starts = run_starts(sample_ids).reshape(-1).nonzero().squeeze(1)
         lengths = torch.diff(starts, append=torch.tensor([n], device=device))
         samples = (flat[starts] > 0).nonzero().squeeze(1)  # runs that are samples, not padding
         starts, lengths = starts[samples], lengths[samples]

@@ -29,11 +29,17 @@ def is_left_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask[:, -1] != 0).all() and (attention_mask[:, 0] == 0).any())
 
 
+def run_starts(segments: torch.Tensor) -> torch.Tensor:
+    """True where a run of equal sample ids begins, each row's first token included. (B, L) -> bool (B, L)."""
+    new_run = torch.ones_like(segments, dtype=torch.bool)
+    new_run[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return new_run
+
+
 def positions_from_segments(segments: torch.Tensor) -> torch.Tensor:
     """Position ids that count from 0 at the start of every run of equal sample ids. (B, L) -> (B, L)."""
     idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
-    new_run = torch.ones_like(segments, dtype=torch.bool)
-    new_run[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    new_run = run_starts(segments)
     run_start = torch.cummax(torch.where(new_run, idx, torch.zeros_like(idx)), dim=1).values
     return torch.where(segments > 0, idx - run_start, torch.zeros_like(idx))
 
