@@ -69,7 +69,7 @@ def main(repeats: int = 5) -> list[list[object]]:
           f"mask-blend / routed = {t_blend / t_routed:.3f} (goal >= 1.6); "
           f"bidirectional / causal image attention = {t_bidir / t_routed:.3f} (one sample per row: causal needs no "
           f"mask), {t['packed_bidir'] / t['packed']:.3f} with two samples packed per row (causal: SDPA sample by "
-          f"sample, no mask; bidirectional: one block mask per row)")
+          f"sample, no mask; bidirectional: sample by sample, one small mask per batch of samples)")
     return rows
 
 

@@ -48,17 +48,35 @@ def test_row_move_is_indexing_and_moves_gradients_back():
     torch.autograd.gradcheck(move.reverse(), (back,))  # slots 3, 6, 7 get none
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_sample_by_sample_attention_equals_the_block_causal_mask(kv_heads):
+def random_image_blocks(g: torch.Generator, sample_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) image ids, -1 on text: in every sample of 4+ tokens one image of 2+ tokens (ids unique per row)."""
+    blocks = torch.full_like(sample_ids, -1)
+    for r in range(sample_ids.shape[0]):
+        for s in sample_ids[r].unique().tolist():
+            pos = (sample_ids[r] == s).nonzero().squeeze(1)
+            if s and len(pos) >= 4:
+                start = int(torch.randint(0, len(pos) - 2, (1,), generator=g))
+                end = start + int(torch.randint(2, len(pos) - start + 1, (1,), generator=g))
+                blocks[r, pos[start:end]] = s
+    return blocks
+
+
+@pytest.mark.parametrize("kv_heads,bidirectional", [(4, False), (2, False), (2, True)])
+def test_sample_by_sample_attention_equals_the_block_causal_mask(kv_heads, bidirectional):
     g = torch.Generator().manual_seed(kv_heads)
     B, H, L, hd = 3, 4, 40, 8
     ids = random_sample_ids(g, B, L)
-    samples = PackedSamples.from_sample_ids(ids)
+    blocks = random_image_blocks(g, ids) if bidirectional else None
+    samples = PackedSamples.from_sample_ids(ids, blocks)
     assert len(samples.batches) > 1  # samples of different lengths go to different padded batches
     q = torch.randn(B, H, L, hd, dtype=torch.float64, generator=g, requires_grad=True)
     k, v = (torch.randn(B, kv_heads, L, hd, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
     real = ids > 0
-    mask = (ids[:, :, None] == ids[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril() & real[:, None, :]
+    allowed = torch.ones(L, L, dtype=torch.bool).tril()
+    if bidirectional:  # and the whole of one's own image, both ways
+        allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+        assert (allowed & ~torch.ones(L, L, dtype=torch.bool).tril()).any()
+    mask = (ids[:, :, None] == ids[:, None, :]) & allowed & real[:, None, :]
     mask = mask | torch.eye(L, dtype=torch.bool)  # padding queries see themselves (their outputs are unused)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=0.3,
                                               enable_gqa=kv_heads != H).transpose(1, 2).reshape(B, L, H * hd)

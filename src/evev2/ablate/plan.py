@@ -33,7 +33,7 @@ class AblationPlan:
     eval_batch_size: int = 64
 
 
-FULL_ABLATION = AblationPlan(world=FULL_PLAN, stage1_steps=40, stage2_steps=200, sft_steps=70)
+FULL_ABLATION = AblationPlan(world=FULL_PLAN, stage1_steps=40, stage2_steps=190, sft_steps=70)
 
 # Single-object scenes at 96 px everywhere, a 24-image held-out split: seconds per variant.
 _QUICK_DATA = ('data.sources=[{ name = "level1-qa", type = "llava", path = "$output/world/level1/train.json" }]',

@@ -70,7 +70,7 @@ class EVEAttention(Qwen2Attention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output in stream layout, attention weights (B, H, L, S) where the backend returns them (eager)).
 
-        `packed`: causal SDPA sample by sample over packed rows, instead of `attention_mask`."""
+        `packed`: SDPA sample by sample over packed rows, instead of `attention_mask`."""
         B, L = router.shape
         q = router.to_sequence(router(self.q_proj, self.vision_q_proj, hidden_states))  # (B, L, H*Hd)
         k = router.to_sequence(router(self.k_proj, self.vision_k_proj, hidden_states))  # (B, L, Hkv*Hd)
@@ -276,8 +276,8 @@ class EVEModel(EVEPreTrainedModel):
 
         blocks = self.image_blocks(image_ids, mm_token_type_ids, text_only, past, attention_mask)
         samples = None
-        if packed and blocks is None and self.config._attn_implementation == "sdpa":
-            samples, mask = PackedSamples.from_sample_ids(attention_mask), None  # causal SDPA sample by sample
+        if packed and self.config._attn_implementation == "sdpa":
+            samples, mask = PackedSamples.from_sample_ids(attention_mask, blocks), None  # SDPA sample by sample
         elif packed:  # block-diagonal causal: attention never crosses packed samples
             segments = attention_mask
             mask = create_causal_mask(self.config, inputs_embeds, segments >= 0, None, position_ids,

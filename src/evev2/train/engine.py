@@ -120,8 +120,7 @@ class Trainer:
                                                           self.compute_dtype, train.activation_checkpointing, compile,
                                                           overrides, recipe.lora, train.seed)
         image_attention = self.model.config.image_attention
-        packed_rows = ("causal, sample by sample" if attention == "sdpa" and image_attention == "causal"
-                       else "one block-causal mask per row")
+        packed_rows = "sample by sample" if attention == "sdpa" else "one block-causal mask per row"
         log.info("attention: %s over packed rows (%s: one sample never attends to another), %s image attention",
                  attention, packed_rows, image_attention)
         log.info("trainable parameters: %s", ", ".join(f"{g} {sum(p.numel() for _, p in params):,}"
