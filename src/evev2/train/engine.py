@@ -119,10 +119,9 @@ class Trainer:
         self.model, self.trainable = build_training_model(recipe.model.source, self.device, attention, train.trainable,
                                                           self.compute_dtype, train.activation_checkpointing, compile,
                                                           overrides, recipe.lora, train.seed)
-        image_attention = self.model.config.image_attention
         packed_rows = "sample by sample" if attention == "sdpa" else "one block-causal mask per row"
         log.info("attention: %s over packed rows (%s: one sample never attends to another), %s image attention",
-                 attention, packed_rows, image_attention)
+                 attention, packed_rows, self.model.config.image_attention)
         log.info("trainable parameters: %s", ", ".join(f"{g} {sum(p.numel() for _, p in params):,}"
                                                        for g, params in self.trainable.items()))
         self.autocast = cuda and self.world == 1 and self.compute_dtype != torch.float32  # FSDP2 casts by itself
