@@ -207,6 +207,30 @@ def test_mixture_follows_its_weights(world, processor):
     assert np.allclose(shares, [0.5, 0.25, 0.25], atol=0.06), shares
 
 
+def test_spans_draw_each_source_only_in_its_part_of_the_stage(world, processor):
+    """A warm-up on one source, then another alone, then two mixed: spans are fractions of the stage's steps."""
+    mixture = Mixture(make_sources(world, processor), weights=[2, 1, 3], seed=3,
+                      spans=[(0.0, 0.25), (0.25, 1.0), (0.5, 1.0)], steps=8)
+    drawn = {step: [mixture.next_draw(step)[0].name for _ in range(60)] for step in range(1, 9)}
+    assert set(drawn[1]) == set(drawn[2]) == {"jsonl"}
+    assert set(drawn[3]) == set(drawn[4]) == {"index"}
+    late = [name for step in range(5, 9) for name in drawn[step]]
+    assert set(late) == {"index", "web"} and 0.6 < late.count("web") / len(late) < 0.9  # weights 1:3 among them
+    np.testing.assert_allclose(mixture.probabilities(5), [0.0, 0.25, 0.75])
+    np.testing.assert_array_equal(mixture.probabilities(12), mixture.probabilities(8))  # prefetched past the end
+
+
+@pytest.mark.parametrize("spans,steps,message", [
+    ([(0.0, 0.5), (0.75, 1.0)], 8, "no source spans step 5 of 8"),
+    ([(0.5, 0.2), (0.0, 1.0)], 8, r"0 <= start < end <= 1, got \[0.5, 0.2\]"),
+    ([(0.0, 1.5), (0.0, 1.0)], 8, "0 <= start < end <= 1"),
+    ([(0.0, 1.0)], 8, "one span per source"),
+])
+def test_spans_that_leave_a_step_without_source_are_refused(world, processor, spans, steps, message):
+    with pytest.raises(ValueError, match=message):
+        Mixture(make_sources(world, processor)[:2], weights=[1, 1], spans=spans, steps=steps)
+
+
 def test_mixture_resumes_exactly_from_its_state(world, processor):
     def build(source, item):
         try:

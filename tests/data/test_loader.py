@@ -46,11 +46,11 @@ def processor(qwen_tokenizer_dir):
     return EVEProcessor(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), EVEImageProcessor(max_size=96), "plain")
 
 
-def stream(data, processor, start_step=0, state=None) -> StepStream:
+def stream(data, processor, start_step=0, state=None, spans=None, steps=1) -> StepStream:
     builder = SampleBuilder(processor, BUDGET)
     sources = [LlavaJsonSource("jsonl", data["jsonl"], builder, seed=1),
                WebDatasetSource("web", data["shards"], builder, seed=1, shuffle_buffer=8)]
-    mixture = Mixture(sources, [1, 1], seed=4)
+    mixture = Mixture(sources, [1, 1], seed=4, spans=spans, steps=steps)
     if state is not None:
         mixture.load_state_dict(state)
     return StepStream(mixture, records_per_step=8, token_budget=BUDGET, rows_per_micro_batch=2,
@@ -86,6 +86,21 @@ def test_a_step_state_resumes_the_stream_exactly_with_another_worker_count(data,
     state = json.loads(json.dumps(fifth.state))  # as it travels through a checkpoint
     resumed = [fingerprint(s) for s in islice(step_loader(stream(data, processor, 5, state), 3, False), 5)]
     assert resumed == full[5:]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_steps_draw_from_the_sources_their_spans_name_across_workers_and_resume(data, processor):
+    spans, steps = [(0.0, 0.5), (0.5, 1.0)], 8  # the JSONL source for steps 1-4, the shards for steps 5-8
+    full = list(islice(step_loader(stream(data, processor, spans=spans, steps=steps), 2, False), steps))
+    cursors = [step.state["sources"] for step in full]  # each source's cursor after each step
+    assert [c["web"] == cursors[0]["web"] for c in cursors[:4]] == [True] * 4  # the shards wait ...
+    assert [c["jsonl"] == cursors[3]["jsonl"] for c in cursors[3:]] == [True] * 5  # ... then the JSONL does
+    assert cursors[0]["jsonl"] != stream(data, processor).mixture.state_dict()["sources"]["jsonl"]
+    assert cursors[7]["web"] != cursors[3]["web"] and all(step.kept for step in full)
+    third = full[2]
+    state = json.loads(json.dumps(third.state))
+    resumed = list(islice(step_loader(stream(data, processor, 3, state, spans, steps), 3, False), 5))
+    assert [fingerprint(s) for s in resumed] == [fingerprint(s) for s in full[3:]]
 
 
 def test_micro_batches_follow_the_model_batch_contract(data, processor):

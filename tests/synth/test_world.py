@@ -220,9 +220,11 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
     write_world(tmp_path / "b", 40, seed=3)
     write_world(tmp_path / "c", 40, seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
-    assert a == b and len(a) == 40 + 9  # images + json, captions, colours, shapes, perception, questions, text,
-    # manifest, shard
-    assert a.keys() == c.keys() and all(a[k] != c[k] for k in ("train.json", "train_text.txt"))
+    words = sum(scene.word is not None for scene in generate_world(40, seed=3, render=False))
+    assert a == b and len(a) == 40 + words + 10  # images, cut-out words + json, captions, colours, shapes,
+    # perception, words, questions, text, manifest, shard
+    files = lambda tree: {k for k in tree if not k.endswith(".png")}  # noqa: E731
+    assert files(a) == files(c) and all(a[k] != c[k] for k in ("train.json", "train_text.txt", "train_words.json"))
 
 
 def test_cli_writes_llava_json_webdataset_and_text(tmp_path):
@@ -316,6 +318,26 @@ def test_perception_file_asks_each_one_object_scene_its_shape_as_a_bare_word(tmp
     for record, scene in zip(perception, alone):
         assert record["conversations"] == [{"from": "human", "value": "<image>\nwhat shape is this ?"},
                                            {"from": "gpt", "value": scene.objects[0].shape}]
+
+
+def test_words_file_cuts_each_word_out_with_its_cells(tmp_path):
+    """The reading warm-up: every scene's word alone, on exactly the cells it fills, asked as evaluation asks it."""
+    manifest = write_world(tmp_path, 40, seed=4, level=3)
+    records = json.loads((tmp_path / manifest["words"]).read_text())
+    with_word = [s for s in generate_world(40, seed=4, level=3) if s.word is not None]
+    assert 0 < len(records) == len(with_word) < 40
+    for record, scene in zip(records, with_word):
+        assert record["conversations"] == [{"from": "human", "value": "<image>\nwhat word is written ?"},
+                                           {"from": "gpt", "value": scene.word}]
+        crop = np.asarray(Image.open(tmp_path / record["image"]))
+        x0, y0, x1, y1 = scene.layout.text.box
+        column, row = (x0 - INSET_PX) // CELL_PX, y0 // CELL_PX
+        assert crop.shape[0] == CELL_PX and crop.shape[1] % CELL_PX == 0 and crop.shape[1] >= x1 - x0
+        whole = np.asarray(scene.image)
+        assert (crop == whole[row * CELL_PX:(row + 1) * CELL_PX, column * CELL_PX:column * CELL_PX + crop.shape[1]]).all()
+        inked = np.all(crop == scene.layout.text.rgb, axis=-1)
+        assert inked.sum() == np.all(whole == scene.layout.text.rgb, axis=-1).sum() > 30  # all of the word, nothing else
+        assert not any(np.all(crop == o.rgb, axis=-1).any() for o in scene.objects)
 
 
 def test_every_question_type_opens_some_training_conversations(train_scenes):

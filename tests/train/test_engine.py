@@ -227,6 +227,7 @@ def test_fsdp2_with_compiled_checkpointed_layers_equals_eager_one_process(tiny_v
     (("steps = 4", "steps = 4\nbatch = 3"), "train.batch: unknown field"),
     (("[optim]\n", "[optim]\nbetas = [0.9, \"x\"]\n"), "optim.betas[1]"),
     (("source = ", "sauce = "), "model.sauce: unknown field"),
+    (("path = ", "span = [0.25, 1.0], path = "), "data.sources[].span: no source spans step 1 of 4"),
 ])
 def test_malformed_recipe_names_the_field(tmp_path, tiny_world_dir, edit, message):
     recipe = write_recipe(tmp_path / "r.toml", Path("x"), tiny_world_dir, '["patch_embed"]')

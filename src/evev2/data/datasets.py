@@ -248,27 +248,54 @@ class WebDatasetSource(SampleSource):
         raise MalformedRecordError(f"record {sample_id} has no txt or json member (keys {sorted(item)})")
 
 
-class Mixture:
-    """Draw each next item from a source chosen with probability proportional to its weight.
+def check_spans(spans: Sequence[Sequence[float]], steps: int) -> None:
+    """Raise ValueError unless every span is [start, end) with 0 <= start < end <= 1 and every step has a source."""
+    for span in spans:
+        if len(span) != 2 or not 0 <= span[0] < span[1] <= 1:
+            raise ValueError(f"a span is [start, end) with 0 <= start < end <= 1, got {list(span)}")
+    if idle := [k for k in range(1, steps + 1) if not any(a <= (k - 1) / steps < b for a, b in spans)]:
+        raise ValueError(f"no source spans step {idle[0]} of {steps}: together the spans must cover the stage")
 
-    Deterministic for a seed; `state_dict()` holds the chooser's RNG state and every source's cursor (JSON-safe), so a
-    new mixture given that state draws exactly the remaining sequence.
+
+class Mixture:
+    """Draw each next item from a source chosen with probability proportional to its weight, among the sources whose
+    span covers the current step.
+
+    A span is the part of the stage in which a source is drawn, as fractions of its `steps`: [start, end) holds step k
+    (1-based) when start <= (k - 1) / steps < end. Spans make a curriculum (a warm-up on one source, then the mix) or
+    an annealing phase; by default every source is drawn at every step. Deterministic for a seed; `state_dict()` holds
+    the chooser's RNG state and every source's cursor (JSON-safe), so a new mixture given that state draws exactly the
+    remaining sequence.
     """
 
-    def __init__(self, sources: Sequence[SampleSource], weights: Sequence[float], seed: int = 0) -> None:
+    def __init__(self, sources: Sequence[SampleSource], weights: Sequence[float], seed: int = 0,
+                 spans: Sequence[Sequence[float]] | None = None, steps: int = 1) -> None:
         if len(sources) != len(weights) or not sources:
             raise ValueError("give one weight per source, and at least one source")
         if any(w <= 0 for w in weights):
             raise ValueError(f"weights must be positive, got {list(weights)}")
         if len({s.name for s in sources}) != len(sources):
             raise ValueError("source names must be unique")
+        spans = [(0.0, 1.0)] * len(sources) if spans is None else spans
+        if len(spans) != len(sources):
+            raise ValueError(f"give one span per source, got {len(spans)} for {len(sources)} sources")
+        check_spans(spans, steps)
         self.sources = list(sources)
-        self.probabilities = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.spans = np.asarray(spans, dtype=np.float64)  # (sources, 2)
+        self.steps = steps
         self._rng = np.random.default_rng(seed)
 
-    def next_draw(self) -> tuple[SampleSource, Any]:
-        """The next (source, item): only cursors move, nothing is decoded."""
-        source = self.sources[int(self._rng.choice(len(self.sources), p=self.probabilities))]
+    def probabilities(self, step: int = 1) -> np.ndarray:
+        """(sources,) draw probabilities at 1-based `step`: the weights of the sources whose span holds it."""
+        fraction = (min(step, self.steps) - 1) / self.steps  # steps past the stage (prefetched) draw like its last
+        active = (self.spans[:, 0] <= fraction) & (fraction < self.spans[:, 1])
+        weights = self.weights * active
+        return weights / weights.sum()
+
+    def next_draw(self, step: int = 1) -> tuple[SampleSource, Any]:
+        """The next (source, item) of `step`: only cursors move, nothing is decoded."""
+        source = self.sources[int(self._rng.choice(len(self.sources), p=self.probabilities(step)))]
         return source, source.next_item()
 
     def drain_read_skips(self) -> list[Skip]:

@@ -76,7 +76,7 @@ class StepStream(IterableDataset):
         step = self.start_step
         while True:
             step += 1
-            draws = [self.mixture.next_draw() for _ in range(self.records_per_step)]
+            draws = [self.mixture.next_draw(step) for _ in range(self.records_per_step)]
             read_skips = self.mixture.drain_read_skips()
             if (step - self.start_step - 1) % workers == worker:
                 yield self.prepare(step, draws, read_skips)

@@ -17,6 +17,7 @@ QA_TYPES = ("color", "shape", "count", "relation", "text")
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = MappingProxyType({"left of": "right of", "right of": "left of", "above": "below", "below": "above"})
 CAPTION_PROMPT = "describe the image ."
+WORD_QUESTION = "what word is written ?"
 _ROWS = ("top", "middle", "bottom")
 _COLUMNS = ("left", "center", "right")
 
@@ -104,7 +105,7 @@ def make_qa(rng: random.Random, layout: Layout, relation_yes: bool | None) -> tu
     if relation_yes is not None:
         qa.append(relation_qa(rng, objects, relation_yes))
     if layout.text is not None:
-        qa.append(QA("text", "what word is written ?", layout.text.word))
+        qa.append(QA("text", WORD_QUESTION, layout.text.word))
     return tuple(qa)
 
 

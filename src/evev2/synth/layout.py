@@ -128,6 +128,14 @@ def _text_cells(word: str, font_size: int) -> int:
     return -(-(text_extent(word, font_size)[0] + 2 * INSET_PX) // CELL_PX)
 
 
+def text_cells_box(text: SceneText) -> Box:
+    """The pixel box of the cells a word fills: its row of cells, from its first cell to the last its outline
+    reaches (the word's glyphs start `INSET_PX` into the first cell and are centred in the row)."""
+    column, row = (text.box[0] - INSET_PX) // CELL_PX, text.box[1] // CELL_PX
+    x0, y0 = column * CELL_PX, row * CELL_PX
+    return x0, y0, x0 + _text_cells(text.word, text.font_size) * CELL_PX, y0 + CELL_PX
+
+
 def _cell_box(corner: tuple[int, int], side: int) -> Box:
     """The pixel box of a shape filling `side` x `side` cells from cell `corner`, `INSET_PX` inside them."""
     x0, y0 = corner[0] * CELL_PX + INSET_PX, corner[1] * CELL_PX + INSET_PX

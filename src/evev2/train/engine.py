@@ -135,7 +135,8 @@ class Trainer:
         self.stats = DataStats(max_bad_fraction=recipe.data.max_bad_fraction,
                                min_seen=recipe.data.guard_min_samples)
         sources = build_sources(recipe, self._sample_builder(), self.rank, self.world)
-        self.mixture = Mixture(sources, [s.weight for s in recipe.data.sources], seed=recipe.data.seed)
+        self.mixture = Mixture(sources, [s.weight for s in recipe.data.sources], seed=recipe.data.seed,
+                               spans=[s.span for s in recipe.data.sources], steps=train.steps)
         self.data_state = self.mixture.state_dict()  # the stream's state after the last step taken
         workers = recipe.data.num_workers
         self.num_workers = default_num_workers(cuda) if workers == "auto" else workers

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from evev2.errors import UserError
 
+from evev2.data.datasets import check_spans
 from evev2.data.image_processing import ResizePolicy
 
 if sys.version_info >= (3, 11):
@@ -45,6 +46,9 @@ class SourceSpec:
     type: Literal["llava", "webdataset"]
     path: str  # JSON/JSONL file, or a glob of .tar shards
     weight: float = 1.0  # mixture weight, e.g. synthetic:language-only:web = 1:1:1
+    # the part of the stage in which it is drawn, [start, end) as fractions of train.steps: [0.0, 0.25] is a warm-up on
+    # this source alone if every other source spans [0.25, 1.0]; [0.9, 1.0] anneals on it
+    span: list[float] = field(default_factory=lambda: [0.0, 1.0])
     image_root: str = ""  # folder that image paths are relative to (default: the JSON file's folder)
     json_root: str = ""  # index mode: folder of the per-sample JSON files (default: the index file's folder)
 
@@ -165,6 +169,10 @@ class Recipe:
             raise RecipeError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
         if not self.data.sources:
             raise RecipeError("data.sources: at least one source is required")
+        try:
+            check_spans([source.span for source in self.data.sources], self.train.steps)
+        except ValueError as err:
+            raise RecipeError(f"data.sources[].span: {err}") from None
         return self
 
 
