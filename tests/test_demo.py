@@ -87,7 +87,9 @@ def test_stage_overrides_move_recipe_paths_onto_the_output(tmp_path):
     assert recipe.output == str(tmp_path / "stage2_2")
     world = tmp_path / "world"
     assert [s.path for s in recipe.data.sources] == [
-        *(str(world / f"level{n}" / f"train{kind}.json") for kind in ("", "_colors", "_shapes") for n in (1, 2, 3))]
+        *(str(world / f"level{n}" / f"train{kind}.json")
+          for kind in ("_words", "", "_colors", "_shapes") for n in (1, 2, 3))]
+    assert [s.span for s in recipe.data.sources] == [[0.0, 0.25]] * 3 + [[0.25, 1.0]] * 9  # the reading warm-up
     assert recipe.train.steps == 7 and recipe.train.trainable == ["patch_embed", "vision", "text", "embeddings"]
 
 

@@ -105,8 +105,8 @@ def test_a_folder_without_a_record_resumes(tmp_path):
     (["optim.lr=1e-4"], ["optim.lr: 0.002 -> 0.0001"]),
     (["train.steps=400"], ["train.steps: 200 -> 400"]),
     (['data.sources=[{name = "level1-qa", type = "llava", path = "other/train.json"}]'],
-     ["data.sources[0].path: 'runs/demo/world/level1/train.json' -> 'other/train.json'",
-      "data.sources[1].name: 'level2-qa' -> (unset)"]),
+     ["data.sources[0].path: 'runs/demo/world/level1/train_words.json' -> 'other/train.json'",
+      "data.sources[0].span: [0.0, 0.25] -> [0.0, 1.0]", "data.sources[1].name: 'level2-words' -> (unset)"]),
     (["optim.group_lr.text=1e-3", "data.seed=1", "checkpoint.every=5"],
      ["optim.group_lr.text: 0.0005 -> 0.001", "data.seed: 0 -> 1"]),
 ])

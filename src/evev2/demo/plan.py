@@ -1,8 +1,8 @@
 """How big each part of the demo is: world sizes, the stand-in LLM, steps per stage, and the time budget.
 
 The full plan is sized for a 15-minute budget on a 2-core laptop CPU (measured 2026-12-02, `make demo` in a fresh clone,
-set-up included: 13.3 minutes before stage 2.2's reading warm-up; with it 18.8 on a later run that day when the machine
-ran 1.3-1.4x slower, over the budget, and 17.6 without it in the same slow period; README);
+set-up included: 13.3 minutes before stage 2.2's reading warm-up; with it 18.8 hours later on a VM that ran 1.3-1.4x
+slower, over the budget, where the run without it took 17.6; README);
 `--minutes` scales every step count (and the training world with it) linearly against that budget, and `--quick` is
 the few-minute smoke version the tests run.
 """
