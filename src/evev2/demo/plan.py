@@ -1,8 +1,8 @@
 """How big each part of the demo is: world sizes, the stand-in LLM, steps per stage, and the time budget.
 
-The full plan is sized for a 15-minute budget on a 2-core laptop CPU (measured 2026-12-02, `make demo` in a fresh clone,
-set-up included: 13.3 minutes before stage 2.2's reading warm-up; with it 18.8 hours later on a VM that ran 1.3-1.4x
-slower, over the budget, where the run without it took 17.6; README);
+The full plan is sized for a 15-minute budget on a 2-core laptop CPU, which it meets in a quiet hour and not in a slow
+one (measured 2026-12-02: its steps and tokens in 14.8 minutes in one hour, with a throwaway variant that adds one sum
+per image; the default in a fresh clone 19.3 minutes in the next hour, 20.8 with the set-up; README);
 `--minutes` scales every step count (and the training world with it) linearly against that budget, and `--quick` is
 the few-minute smoke version the tests run.
 """
