@@ -4,10 +4,10 @@ Every variant gets the same stage-2 steps on the same samples in the same order,
 then the same SFT steps on the same samples (the paper's protocol: VQA is measured after a shared SFT stage, since a
 variant whose LLM stayed frozen in stage 2 cannot answer questions yet). Seeds run side by side, one process each (see
 `run_ablation`). The full plan with `--seeds 2` took 28.0 minutes on 2 CPU cores before stage 2 opened with the
-reading warm-up (measured 2026-12-02), and 32.8 and 31.7 minutes with it on slower VMs and hours, over the 30-minute
-budget (165-172 s for world, stage 0 and both stage 1s; then per variant, both seeds at once on one core each, 146-196 s
-of stage 2 (190 steps), 14-19 s of caption loss and perplexity, 99-115 s of SFT (70 steps) and 53-65 s of evaluation;
-README). `--quick` is the half-minute version the tests run.
+reading warm-up (measured 2026-12-02), and with it 29.1 minutes on an AMD EPYC VM, within the 30-minute budget, and
+32.8 and 31.7 minutes on slower VMs and hours (142-172 s for world, stage 0 and both stage 1s; then per variant, both
+seeds at once on one core each, 143-196 s of stage 2 (190 steps), 14-19 s of caption loss and perplexity, 94-115 s of
+SFT (70 steps) and 52-65 s of evaluation; README). `--quick` is the half-minute version the tests run.
 """
 
 from __future__ import annotations
