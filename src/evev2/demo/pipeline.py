@@ -14,6 +14,7 @@ import string
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,20 @@ def stage_overrides(recipe: Path, output: Path, steps: int, extra: tuple[str, ..
 
 
 def build_world(plan: DemoPlan, world: Path) -> dict[str, Path]:
-    """One folder per curriculum level (train) plus the fixed held-out split (full world, never trained on)."""
-    folders = {}
-    for level, n in plan.train_images.items():
-        folders[f"level{level}"] = world / f"level{level}"
-        write_world(folders[f"level{level}"], n=n, seed=level, split="train", level=level)
-    folders["heldout"] = world / "heldout"
-    write_world(folders["heldout"], n=plan.heldout_images, seed=HELDOUT_SEED, split="heldout")
+    """One folder per curriculum level (train) plus the fixed held-out split (full world, never trained on).
+
+    The folders are written in threads, the largest first: each depends only on its own seed, and PIL releases the
+    GIL while it encodes PNGs (measured on 2 cores: 50 s in one thread, 37 s in two, the same bytes).
+    """
+    jobs = {f"level{level}": {"n": n, "seed": level, "split": "train", "level": level}
+            for level, n in plan.train_images.items()}
+    jobs["heldout"] = {"n": plan.heldout_images, "seed": HELDOUT_SEED, "split": "heldout"}
+    folders = {name: world / name for name in jobs}
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        written = [pool.submit(write_world, folders[name], **kwargs)
+                   for name, kwargs in sorted(jobs.items(), key=lambda job: -job[1]["n"])]
+        for future in written:
+            future.result()
     return folders
 
 
