@@ -1,9 +1,8 @@
 """How big each part of the demo is: world sizes, the stand-in LLM, steps per stage, and the time budget.
 
-The full plan is sized for a 15-minute budget on a 2-core laptop CPU, which it meets in a quiet hour and not in a slow
-one (measured 2026-12-02: 13.7 minutes on an AMD EPYC VM; on another VM its steps and tokens in 14.8 minutes in one
-hour, with a throwaway variant that adds one sum per image, and the default in a fresh clone 19.3 minutes in the next;
-README);
+The full plan is sized for a 15-minute budget on a 2-core laptop CPU (measured 2026-12-02: 12.1 minutes on an AMD EPYC
+VM with the samples prepared in the training process, 13.7 before; on another VM, before, its steps and tokens in 14.8
+minutes in one hour and 19.3 in the next, the machine's speed varying by 1.3-1.5x; README);
 `--minutes` scales every step count (and the training world with it) linearly against that budget, and `--quick` is
 the few-minute smoke version the tests run.
 """
