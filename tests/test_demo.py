@@ -5,6 +5,7 @@ One quick run is shared by every test; it takes about two minutes on 2 cores.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,9 +17,11 @@ from transformers import AutoTokenizer
 from evev2.cli import main as cli
 from evev2.demo.evaluate import accuracy_by_object_count, blank_like, blind
 from evev2.demo.language import text_perplexity
-from evev2.demo.pipeline import stage_overrides
+from evev2.demo.pipeline import HELDOUT_SEED, build_world, stage_overrides
+from evev2.demo.plan import QUICK_PLAN
 from evev2.demo.tokenizer import train_world_tokenizer
 from evev2.infer.engine import GenerationRequest, GenerationResult
+from evev2.synth.world import write_world
 from evev2.train.recipe import load_recipe
 
 pytestmark = pytest.mark.slow  # the quick demo: minutes
@@ -91,6 +94,19 @@ def test_stage_overrides_move_recipe_paths_onto_the_output(tmp_path):
           for kind in ("_words", "", "_colors", "_shapes") for n in (1, 2, 3))]
     assert [s.span for s in recipe.data.sources] == [[0.0, 0.25]] * 3 + [[0.25, 1.0]] * 9  # the reading warm-up
     assert recipe.train.steps == 7 and recipe.train.trainable == ["patch_embed", "vision", "text", "embeddings"]
+
+
+def test_world_folders_written_in_threads_equal_one_at_a_time(tmp_path):
+    plan = dataclasses.replace(QUICK_PLAN, train_images={1: 24, 2: 12, 3: 30}, heldout_images=8)
+    build_world(plan, tmp_path / "threads")
+    for level, n in plan.train_images.items():
+        write_world(tmp_path / "serial" / f"level{level}", n=n, seed=level, split="train", level=level)
+    write_world(tmp_path / "serial" / "heldout", n=plan.heldout_images, seed=HELDOUT_SEED, split="heldout")
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*") if p.is_file())
+    assert len(files) > 4 * 8 and any(f.suffix == ".png" for f in files)
+    assert sorted(p.relative_to(tmp_path / "threads") for p in (tmp_path / "threads").rglob("*") if p.is_file()) == files
+    for f in files:
+        assert (tmp_path / "threads" / f).read_bytes() == (tmp_path / "serial" / f).read_bytes(), f
 
 
 def test_world_tokenizer_round_trips_and_keeps_words_whole():
