@@ -10,12 +10,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from evev2.cli import main as cli
-from evev2.demo.evaluate import accuracy_by_object_count, blank_like, blind
+from evev2.demo.evaluate import accuracy_by_object_count, blank_like, blind, choose_answers, score_choices
+from evev2.eval.likelihood import continuation_logprob
 from evev2.demo.language import text_perplexity
 from evev2.demo.pipeline import HELDOUT_SEED, build_world, stage_overrides
 from evev2.demo.plan import QUICK_PLAN
@@ -53,10 +55,14 @@ def test_quick_demo_writes_every_artefact(demo_run):
 def test_quick_demo_scores_every_question_beside_chance_and_blind(demo_run):
     _, results = demo_run
     model, blind_model = results["heldout"]["model"], results["heldout"]["blind"]
-    for kind in ("color", "shape", "count", "relation", "text"):
+    for kind in ("color", "shape", "count", "relation", "relation_choice", "text"):
         assert model[f"{kind}/count"] == blind_model[f"{kind}/count"] > 0
         assert 0 < model[f"{kind}/chance"] < 100
     assert model["num_missing_predictions"] == 0
+    # the relation choice is scored by likelihood: every question gets one of its two choices, written beside
+    picks = json.loads(Path(results["heldout"]["choices"]["final"]).read_text())
+    assert len(picks) == model["relation_choice/count"]
+    assert 0 <= model["relation_choice/generated_accuracy"] <= 100 and 0 <= model["relation_choice/accuracy"] <= 100
     # colour is learned first (one scene token carries it): it must leave chance and beat the blind model
     assert model["color/accuracy"] >= 2 * model["color/chance"]
     assert model["color/accuracy"] > blind_model["color/accuracy"] + 10
@@ -159,6 +165,48 @@ def test_blind_baseline_sees_a_flat_image_of_the_same_size_and_mean(tmp_path):
     request = GenerationRequest([{"role": "user", "content": "<image>\nwhat color ?"}], [str(path)], 4)
     assert [r.text for r in blind(record)([request])] == ["red"]
     assert seen[0].messages == request.messages and seen[0].images[0].tobytes() == flat.tobytes()
+
+
+def test_choices_are_picked_by_the_highest_log_likelihood(tiny_chat_engine, tmp_path, monkeypatch):
+    """Reference: `continuation_logprob` of each choice alone (itself checked against the model's loss), on random
+    images of several sizes, scored in batches that mix them."""
+    from PIL import Image
+
+    import evev2.demo.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "CHOICE_BATCH_ROWS", 4)  # several batches, split inside a question's choices
+    engine, rng = tiny_chat_engine, np.random.default_rng(0)
+    question = "which is higher , the red circle or the blue star ?"
+    choices = ["the red circle", "the blue star", "the green cross"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    expected, expected_blind = {}, {}
+    for seed in range(5):
+        image = Image.fromarray(rng.integers(0, 256, (32 + 16 * seed, 64, 3), dtype=np.uint8))
+        image.save(tmp_path / f"{seed}.png")
+        for picks, shown in ((expected, image), (expected_blind, blank_like(image))):
+            scores = [continuation_logprob(engine.model, engine.processor, messages, [shown], f" {c}")[0]
+                      for c in choices]
+            assert len(set(scores)) == len(choices)
+            picks[f"q{seed}"] = choices[int(np.argmax(scores))]
+    assert len(set(expected.values())) > 1  # the images decide
+    records = [{"question_id": f"q{seed}", "image": f"{seed}.png", "question": question, "choices": choices}
+               for seed in range(5)] + [{"question_id": "open", "image": "0.png", "question": "what color ?"}]
+    assert choose_answers(engine, records, tmp_path, blind_images=False) == expected
+    assert choose_answers(engine, records, tmp_path, blind_images=True) == expected_blind
+
+
+def test_score_choices_replaces_the_generated_accuracy_and_recomputes_the_overall():
+    records = [{"question_id": f"r{i}", "type": "relation_choice", "answer": "the red circle"} for i in range(4)]
+    records.append({"question_id": "c0", "type": "color", "answer": "the circle is red"})
+    generated = {"relation_choice/accuracy": 0.0, "relation_choice/count": 4, "relation_choice/chance": 50.0,
+                 "color/accuracy": 100.0, "color/count": 1, "color/chance": 12.5, "accuracy": 20.0,
+                 "num_questions": 5}
+    picks = {"r0": "the red circle", "r1": "the blue star", "r2": "The red circle.", "r3": "the red circle"}
+    scored = score_choices(generated, records, picks)
+    assert scored["relation_choice/accuracy"] == 75.0 and scored["relation_choice/generated_accuracy"] == 0.0
+    assert scored["color/accuracy"] == 100.0 and "color/generated_accuracy" not in scored
+    assert scored["accuracy"] == pytest.approx(100 * 4 / 5) and scored["num_questions"] == 5
+    assert generated["relation_choice/accuracy"] == 0.0  # the input is left as it was
 
 
 def test_accuracy_by_object_count_sets_each_count_beside_picking_a_random_object():

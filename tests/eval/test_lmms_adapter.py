@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evev2.eval.likelihood import continuation_logprob
+from evev2.eval.likelihood import continuation_logprob, continuation_logprobs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,6 +52,21 @@ def test_logprob_matches_the_model_loss(model_and_processor, num_images):
     loss = model(input_ids=input_ids, images=pixels, labels=labels).loss
     assert logprob < 0
     assert logprob == pytest.approx(-loss.item() * len(target), rel=1e-10)
+
+
+def test_a_left_padded_batch_scores_each_request_as_it_scores_alone(model_and_processor):
+    """Prompts of different lengths (0-2 images of several sizes) and continuations of different lengths."""
+    model, processor = model_and_processor
+    requests = [(user("Which colour is the square?", 1), [noise_image(1, 64, 32)], " dark blue"),
+                (user("Hi", 0), [], " yes"),
+                (user("Compare them.", 2), [noise_image(2, 32, 64), noise_image(3, 48, 48)], " the left one is red"),
+                (user("What is shown?", 1), [noise_image(4, 16, 16)], " a"),
+                (user("Hello there, how are you?", 0), [], " fine thanks")]
+    batched = continuation_logprobs(model, processor, requests)
+    alone = [continuation_logprobs(model, processor, [request])[0] for request in requests]
+    assert len({score for score, _ in alone}) == len(requests)
+    for (score, greedy), (reference, reference_greedy) in zip(batched, alone):
+        assert score == pytest.approx(reference, rel=1e-9) and greedy == reference_greedy
 
 
 def test_greedy_flag(model_and_processor):

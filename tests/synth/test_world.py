@@ -80,7 +80,7 @@ def test_answers_agree_with_the_scene(train_scenes):
         by_color = {o.color: o for o in scene.objects}
         for item in scene.qa:
             words = item.question.split()
-            assert len(item.answer.split()) == {"color": 4, "shape": 3}.get(item.type, 1)
+            assert len(item.answer.split()) == {"color": 4, "shape": 3, "relation_choice": 3}.get(item.type, 1)
             if item.type == "color":
                 named = by_shape[words[-2]]
                 assert item.answer == f"the {named.shape} is {named.color}"
@@ -99,6 +99,32 @@ def test_answers_agree_with_the_scene(train_scenes):
                 assert item.answer == ("yes" if holds else "no")
                 if not holds:  # a "no" is clearly false: the opposite relation holds
                     assert OPPOSITE[relation] in true_relations(a, b)
+            elif item.type == "relation_choice":
+                first, second = (by_shape[name.split()[-1]] for name in item.choices)
+                assert item.question == (f"which is {words[2]}{' left' if words[3] == 'left' else ''} , "
+                                         f"{item.choices[0]} or {item.choices[1]} ?")
+                assert item.choices == (f"the {first.color} {first.shape}", f"the {second.color} {second.shape}")
+                winner, loser = (first, second) if item.answer == item.choices[0] else (second, first)
+                assert item.answer in item.choices and item.choices[0] != item.choices[1]
+                if words[2] == "higher":  # wholly above
+                    assert winner.box[3] <= loser.box[1]
+                else:  # side by side (the same top edge), wholly to the left
+                    assert words[2:4] == ["further", "left"]
+                    assert winner.box[1] == loser.box[1] and winner.box[2] <= loser.box[0]
+
+
+def test_relation_choice_asks_both_words_in_either_order(train_scenes):
+    """Both relations are asked, the answer is named first or second equally often for each, and a scene of 2+
+    objects lacks the question only when no pair is one above the other or side by side."""
+    choices = _questions(train_scenes, "relation_choice")
+    first = defaultdict(Counter)
+    for q in choices:
+        first[q.question.split(" , ")[0]][q.answer == q.choices[0]] += 1
+    assert set(first) == {"which is higher", "which is further left"}
+    for counts in first.values():
+        assert 0.4 < counts[True] / (counts[True] + counts[False]) < 0.6
+    several = [s for s in train_scenes if len(s.objects) >= 2]
+    assert 0.9 * len(several) < len(choices) < len(several)
 
 
 def test_caption_lists_every_object_and_the_word(train_scenes):
@@ -162,6 +188,12 @@ class BagOfWordsProbe:
 def test_blind_model_scores_chance_on_held_out(train_scenes, heldout_scenes):
     relation_probe = BagOfWordsProbe().fit(_questions(train_scenes, "relation"))
     assert abs(relation_probe.accuracy(_questions(heldout_scenes, "relation")) - 0.5) < 0.05
+    # a relation choice's answer is one of the two objects it names: named first or second, not told by the words
+    def named_first(scenes):
+        return [type(q)("relation_choice", q.question, "first" if q.answer == q.choices[0] else "second")
+                for q in _questions(scenes, "relation_choice")]
+    order_probe = BagOfWordsProbe().fit(named_first(train_scenes))
+    assert abs(order_probe.accuracy(named_first(heldout_scenes)) - 0.5) < 0.05
     chance = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "count": 1 / 5, "text": 1 / len(WORDS)}
     for qa_type, level in chance.items():
         train_majority = Counter(q.answer for q in _questions(train_scenes, qa_type)).most_common(1)[0][0]
@@ -221,8 +253,8 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
     write_world(tmp_path / "c", 40, seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
     words = sum(scene.word is not None for scene in generate_world(40, seed=3, render=False))
-    assert a == b and len(a) == 40 + words + 10  # images, cut-out words + json, captions, colours, shapes,
-    # perception, words, questions, text, manifest, shard
+    assert a == b and len(a) == 40 + words + 11  # images, cut-out words + json, captions, colours, shapes,
+    # relations, perception, words, questions, text, manifest, shard
     files = lambda tree: {k for k in tree if not k.endswith(".png")}  # noqa: E731
     assert files(a) == files(c) and all(a[k] != c[k] for k in ("train.json", "train_text.txt", "train_words.json"))
 
@@ -253,8 +285,11 @@ def test_cli_writes_llava_json_webdataset_and_text(tmp_path):
     assert all(q["objects"] == len(r["objects"]) for q, r in
                zip(questions, (r for r in records for _ in range(len(r["qa"]) + 1))))
     lines = (out / "train_text.txt").read_text().splitlines()
-    # caption, every question, and a one-object scene's perception question
-    assert len(lines) == sum(1 + len(r["qa"]) + (len(r["objects"]) == 1) for r in records)
+    # caption, every question but the relation choice, and a one-object scene's perception question
+    assert len(lines) == sum(1 + sum(q["type"] != "relation_choice" for q in r["qa"]) + (len(r["objects"]) == 1)
+                             for r in records)
+    choice = next(q for q in questions if q["type"] == "relation_choice")
+    assert choice["chance"] == 0.5 and choice["answer"] in choice["choices"] and len(choice["choices"]) == 2
     assert lines[0] == first["caption"]
     main(["data", "synth", "--out", str(out), "--n", "30", "--split", "heldout"])
     held = json.loads((out / "heldout.json").read_text())
@@ -347,7 +382,21 @@ def test_every_question_type_opens_some_training_conversations(train_scenes):
     for scene in train_scenes:
         kinds = {item.question: item.type for item in scene.qa}
         firsts[kinds.get(scene.conversation[0][0], "caption")] += 1
-    assert set(firsts) == {"caption", *QA_TYPES}, firsts
+    assert set(firsts) == {"caption", *QA_TYPES} - {"relation_choice"}, firsts  # that one is asked alone
+
+
+def test_relations_file_asks_each_scene_its_relation_choice_alone_and_the_text_never(tmp_path):
+    manifest = write_world(tmp_path, 40, seed=3, level=3)
+    relations = json.loads((tmp_path / manifest["relations"]).read_text())
+    scenes = generate_world(40, seed=3, level=3)
+    asked = [(s, q) for s in scenes for q in s.qa if q.type == "relation_choice"]
+    assert 0 < len(asked) < 40 and [r["image"] for r in relations] == [f"images/train/{s.key}.png" for s, _ in asked]
+    for record, (_, item) in zip(relations, asked):
+        assert record["conversations"] == [{"from": "human", "value": f"<image>\n{item.question}"},
+                                           {"from": "gpt", "value": item.answer}]
+    text = (tmp_path / "train_text.txt").read_text()
+    conversations = json.dumps([r["conversations"] for r in json.loads((tmp_path / "train.json").read_text())])
+    assert "which is" not in text and "which is" not in conversations
 
 
 def test_no_training_answer_can_be_read_off_an_earlier_turn(train_scenes):

@@ -2,6 +2,8 @@
 
 Three numbers per question type: the model's accuracy, chance, and a blind baseline - the same model with every
 image replaced by a flat image of that image's mean colour and size, so it reads the question but sees no scene.
+Questions that offer choices are scored as multiple choice (the choice the model finds likeliest, as lm-eval and
+lmms-eval score multiple-choice tasks), their generated answers kept beside.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from PIL import Image, ImageStat
 from evev2 import jsonio
 from evev2.constants import IMAGE_TOKEN_INDEX
 from evev2.data.image_processing import grid_token_index
+from evev2.eval.likelihood import continuation_logprobs
 from evev2.eval.run import run_benchmark
 from evev2.eval.synth_metrics import synth_answer_matches
 from evev2.infer.engine import Generate, GenerationRequest, GenerationResult, InferenceEngine
@@ -24,6 +27,7 @@ from evev2.synth.language import NAMING
 
 CAPTION_MAX_NEW_TOKENS = 96
 ANSWER_MAX_NEW_TOKENS = 8
+CHOICE_BATCH_ROWS = 64
 BINDING_TYPES = ("color", "shape")  # questions that name one object of the scene by its other attribute
 
 
@@ -65,18 +69,65 @@ def blind(generate: Generate) -> Generate:
     return blind_generate
 
 
+def choose_answers(engine: InferenceEngine, records: list[dict[str, Any]], image_root: Path, blind_images: bool
+                   ) -> dict[str, str]:
+    """{question_id: the choice with the highest log-likelihood} for the records that offer `choices` (with blank
+    images when `blind_images`), scored `CHOICE_BATCH_ROWS` (question, choice) pairs per forward."""
+    asked = [record for record in records if record.get("choices")]
+    requests = []
+    for record in asked:
+        image = load_image(str(image_root / record["image"]))
+        image = blank_like(image) if blind_images else image
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
+        # the answer follows "ASSISTANT:" after a space, as in training
+        requests += [(messages, [image], f" {choice}") for choice in record["choices"]]
+    scores = [score for start in range(0, len(requests), CHOICE_BATCH_ROWS) for score, _ in
+              continuation_logprobs(engine.model, engine.processor, requests[start:start + CHOICE_BATCH_ROWS])]
+    picks = {}
+    for record in asked:
+        mine, scores = scores[:len(record["choices"])], scores[len(record["choices"]):]
+        picks[str(record["question_id"])] = record["choices"][mine.index(max(mine))]
+    return picks
+
+
+def score_choices(metrics: dict[str, Any], records: list[dict[str, Any]], picks: dict[str, str]) -> dict[str, Any]:
+    """`metrics` with each choice type's accuracy taken from `picks` (its generated one kept as
+    `<type>/generated_accuracy`) and the overall accuracy recomputed over every question."""
+    right: dict[str, list[bool]] = {}
+    for record in records:
+        if str(record["question_id"]) in picks:
+            right.setdefault(record["type"], []).append(
+                synth_answer_matches(picks[str(record["question_id"])], record["answer"]))
+    scored = dict(metrics)
+    for kind, hits in right.items():
+        scored[f"{kind}/generated_accuracy"] = metrics[f"{kind}/accuracy"]
+        scored[f"{kind}/accuracy"] = 100 * sum(hits) / len(hits)
+    types = [key.removesuffix("/count") for key in metrics if key.endswith("/count")]
+    counted = sum(scored[f"{kind}/count"] for kind in types)
+    scored["accuracy"] = sum(scored[f"{kind}/accuracy"] * scored[f"{kind}/count"] for kind in types) / counted
+    return scored
+
+
 def evaluate_heldout(engine: InferenceEngine, qa_file: Path, caption_file: Path, image_root: Path, output: Path,
                      batch_size: int) -> dict[str, Any]:
-    """Per-type accuracy (model and blind), caption BLEU-4; every prediction file lands under `output`."""
+    """Per-type accuracy (model and blind), caption BLEU-4; every prediction file lands under `output`, the choices
+    picked by likelihood in `<name>/synth/choices.json`."""
     common = {"task": "synth", "image_root": image_root, "batch_size": batch_size, "output": output}
     model = run_benchmark(engine.generate, "final", data=qa_file, max_new_tokens=ANSWER_MAX_NEW_TOKENS, **common)
     blind_model = run_benchmark(blind(engine.generate), "blind", data=qa_file, max_new_tokens=ANSWER_MAX_NEW_TOKENS,
                                 **common)
     captions = run_benchmark(engine.generate, "final-captions", data=caption_file,
                              max_new_tokens=CAPTION_MAX_NEW_TOKENS, **common)
-    return {"model": model["metrics"], "blind": blind_model["metrics"], "captions": captions["metrics"],
+    records = jsonio.read_jsonl(qa_file)
+    scored = {}
+    for name, run in (("final", model), ("blind", blind_model)):
+        picks = choose_answers(engine, records, image_root, blind_images=name == "blind")
+        jsonio.write_json(output / name / "synth" / "choices.json", picks)
+        scored[name] = score_choices(run["metrics"], records, picks)
+    return {"model": scored["final"], "blind": scored["blind"], "captions": captions["metrics"],
             "predictions": {name: str(output / name / "synth" / "predictions.jsonl")
-                            for name in ("final", "blind", "final-captions")}}
+                            for name in ("final", "blind", "final-captions")},
+            "choices": {name: str(output / name / "synth" / "choices.json") for name in ("final", "blind")}}
 
 
 def _box_tokens(box: list[int], scale: float, width: int, unit: int) -> list[int]:

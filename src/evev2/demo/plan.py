@@ -68,7 +68,7 @@ FULL_PLAN = DemoPlan(
         StagePlan("stage1.toml", steps=40),
         StagePlan("stage2_1.toml", steps=260),
         StagePlan("stage2_2.toml", steps=533),  # 134 steps of reading warm-up, then 399 of the mix
-        StagePlan("stage3.toml", steps=360),
+        StagePlan("stage3.toml", steps=420),
     ),
 )
 

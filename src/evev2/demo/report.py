@@ -19,7 +19,7 @@ LINE_PX = 15
 def results_table(results: dict[str, Any]) -> str:
     """Per question type: accuracy, blind baseline, chance and the issue's goal; then captions, perplexity, time."""
     model, blind, goals = results["heldout"]["model"], results["heldout"]["blind"], results["goals"]
-    lines = [f"{'type':<9} {'model':>6} {'blind':>6} {'chance':>6} {'goal':>5} {'n':>5}"]
+    lines = [f"{'type':<15} {'model':>6} {'blind':>6} {'chance':>6} {'goal':>5} {'n':>5}"]
     for kind in [*QA_TYPES, "overall"]:
         key = "accuracy" if kind == "overall" else f"{kind}/accuracy"
         if key not in model:
@@ -27,7 +27,12 @@ def results_table(results: dict[str, Any]) -> str:
         chance = "" if kind == "overall" else f"{model[f'{kind}/chance'] / 100:6.3f}"
         goal = f"{goals[kind]:5.2f}" if kind in goals else ""
         count = model.get(f"{kind}/count", model["num_questions"])
-        lines.append(f"{kind:<9} {model[key] / 100:6.3f} {blind[key] / 100:6.3f} {chance:>6} {goal:>5} {count:5d}")
+        lines.append(f"{kind:<15} {model[key] / 100:6.3f} {blind[key] / 100:6.3f} {chance:>6} {goal:>5} {count:5d}")
+    for kind in QA_TYPES:
+        if f"{kind}/generated_accuracy" in model:
+            lines.append(f"{kind}: scored as multiple choice (the choice the model finds likeliest); its generated "
+                         f"answers {model[f'{kind}/generated_accuracy'] / 100:.3f}, blind "
+                         f"{blind[f'{kind}/generated_accuracy'] / 100:.3f}")
     for kind, by_n in results["by_object_count"].items():
         lines.append(f"{kind} by objects in the scene (model / 1/n, the score of seeing every object but not which one "
                      f"the question names): " + ", ".join(f"{n}: {cell['accuracy']:.2f}/{cell['random_object']:.2f}"

@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from evev2.synth.layout import NUMBER_WORDS, Layout, SceneObject
 
-QA_TYPES = ("color", "shape", "count", "relation", "text")
+QA_TYPES = ("color", "shape", "count", "relation", "relation_choice", "text")
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = MappingProxyType({"left of": "right of", "right of": "left of", "above": "below", "below": "above"})
 CAPTION_PROMPT = "describe the image ."
@@ -24,11 +24,13 @@ _COLUMNS = ("left", "center", "right")
 
 @dataclass(frozen=True)
 class QA:
-    """One question with its answer ("the circle is red", "a red star", or one word); `type` is one of QA_TYPES."""
+    """One question with its answer ("the circle is red", "a red star", or one word); `type` is one of QA_TYPES.
+    `choices` lists the candidate answers of a question that offers them (the answer is one of them)."""
 
     type: str
     question: str
     answer: str
+    choices: tuple[str, ...] = ()
 
 
 def true_relations(a: SceneObject, b: SceneObject) -> list[str]:
@@ -56,6 +58,26 @@ def relation_qa(rng: random.Random, objects: tuple[SceneObject, ...], answer_yes
         relation = OPPOSITE[relation]
     question = f"is the {a.color} {a.shape} {relation} the {b.color} {b.shape} ?"
     return QA("relation", question, "yes" if answer_yes else "no")
+
+
+def relation_choice_qa(rng: random.Random, objects: tuple[SceneObject, ...]) -> QA | None:
+    """Which of two named objects is higher (one wholly above the other) or further left (side by side: the same top
+    edge), the two named in a random order; None when no pair is either.
+
+    Unlike the yes/no question, the answer names an object ("the red circle"), so it has something to look for: the
+    named object that comes first in the image tokens' reading order, which is the higher one, or of two side by side
+    the left one (README: learnt in the demo's stage 3, where yes/no is not).
+    """
+    pairs = [(word, a, b) for a in objects for b in objects if a is not b
+             for word, holds in (("higher", a.box[3] <= b.box[1]),
+                                 ("further left", a.box[1] == b.box[1] and a.box[2] <= b.box[0])) if holds]
+    if not pairs:
+        return None
+    word, winner, loser = rng.choice(pairs)
+    named = [f"the {winner.color} {winner.shape}", f"the {loser.color} {loser.shape}"]
+    rng.shuffle(named)
+    return QA("relation_choice", f"which is {word} , {named[0]} or {named[1]} ?", f"the {winner.color} {winner.shape}",
+              tuple(named))
 
 
 def _article(word: str) -> str:

@@ -20,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from evev2 import jsonio
-from evev2.synth.language import CAPTION_PROMPT, NAMING, QA, WORD_QUESTION, make_caption, make_qa, perception_qa
+from evev2.synth.language import (CAPTION_PROMPT, NAMING, QA, WORD_QUESTION, make_caption, make_qa, perception_qa,
+                                  relation_choice_qa)
 from evev2.synth.render import render_layout
 from evev2.synth.layout import (
     COLORS,
@@ -96,7 +97,7 @@ def training_turns(rng: random.Random, qa: tuple[QA, ...], caption: str, objects
     """
     if rng.random() < CAPTION_ALONE:
         return [(CAPTION_PROMPT, caption)]
-    by_type = {item.type: item for item in qa}
+    by_type = {item.type: item for item in qa if item.type != "relation_choice"}  # asked alone (`write_world`)
     if objects == 1:
         del by_type[rng.choice(["color", "shape"])]
     relation = by_type.pop("relation", None)
@@ -138,6 +139,10 @@ def iter_scenes(seed: int = 0, level: int = FULL_WORLD_LEVEL, split: Split = "tr
                 rng.shuffle(relation_bag)
             relation_yes = relation_bag.pop()
         qa = make_qa(rng, layout, relation_yes)
+        # drawn from the scene's own stream, so that it leaves the scenes after it as they are
+        choice_rng = random.Random(f"evev2-synth/relation-choice/{split}/level{level}/{index}")
+        if len(layout.objects) >= 2 and (choice := relation_choice_qa(choice_rng, layout.objects)) is not None:
+            qa += (choice,)
         caption = make_caption(layout)
         turns = training_turns(rng, qa, caption, len(layout.objects))
         image = render_layout(layout) if render else None
@@ -184,7 +189,7 @@ def scene_record(scene: Scene, image_path: str) -> dict[str, Any]:
 def chance_accuracy(qa_type: str, level: int) -> float:
     """Accuracy of uniform guessing among the answers a question type can have at `level`."""
     choices = {"color": len(COLORS), "shape": len(SHAPES), "count": len(level_spec(level).counts), "relation": 2,
-               "text": len(WORDS)}
+               "relation_choice": 2, "text": len(WORDS)}
     return 1.0 / choices[qa_type]
 
 
@@ -194,7 +199,8 @@ def question_records(scene: Scene, image_path: str) -> list[dict[str, Any]]:
     base = {"image": image_path, "level": scene.level, "objects": len(scene.objects)}
     records = [
         {**base, "question_id": f"synth-{scene.split}-{scene.key}-{item.type}", "type": item.type,
-         "question": item.question, "answer": item.answer, "chance": chance_accuracy(item.type, scene.level)}
+         "question": item.question, "answer": item.answer, "chance": chance_accuracy(item.type, scene.level),
+         **({"choices": list(item.choices)} if item.choices else {})}
         for item in scene.qa
     ]
     records.append({**base, "question_id": f"synth-{scene.split}-{scene.key}-caption", "type": "caption",
@@ -204,11 +210,14 @@ def question_records(scene: Scene, image_path: str) -> list[dict[str, Any]]:
 
 def corpus_lines(scenes: list[Scene]) -> list[str]:
     """Text-only corpus in the same language: per scene its caption, then one "question answer" line per QA (and the
-    perception question of a one-object scene)."""
+    perception question of a one-object scene), the relation choice aside: with it in the stage-0 LLM's text (and
+    the yes/no question out), that LLM answered stage 2.1's perception question "a white star" and stage 2.1 stalled
+    (README)."""
     lines = []
     for scene in scenes:
         lines.append(scene.caption)
-        lines += [f"{item.question} {item.answer}" for item in _perception(scene) + scene.qa]
+        lines += [f"{item.question} {item.answer}" for item in _perception(scene) + scene.qa
+                  if item.type != "relation_choice"]
     return lines
 
 
@@ -282,6 +291,10 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     naming = {kind: out / f"{split}_{kind}s.json" for kind in ("color", "shape")}
     for kind, path in naming.items():
         _write_conversations(path, records, scenes, lambda scene: naming_turns(scene, kind))
+    # the relation choice alone, one per scene with a pair to ask about
+    relations_path = out / f"{split}_relations.json"
+    _write_conversations(relations_path, records, scenes, lambda scene: [
+        (item.question, item.answer) for item in scene.qa if item.type == "relation_choice"])
     perception_path = out / f"{split}_perception.json"
     _write_conversations(perception_path, records, scenes,
                          lambda scene: [(item.question, item.answer) for item in _perception(scene)])
@@ -297,7 +310,7 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     manifest = {
         "split": split, "n": n, "seed": seed, "level": level,
         "json": json_path.name, "captions": captions_path.name, "colors": naming["color"].name,
-        "shapes": naming["shape"].name,
+        "shapes": naming["shape"].name, "relations": relations_path.name,
         "perception": perception_path.name, "words": words_path.name,
         "questions": questions_path.name, "text": text_path.name,
         "shards": sorted(p.name for p in shard_dir.glob(f"{split}-*.tar")),
