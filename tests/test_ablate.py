@@ -150,9 +150,9 @@ def test_derived_variants_equal_their_stage1_model(ablation, tmp_path):
 
 def _run(variant: str, overall: float, caption: float, ppl: float, ppl_sft: float = 4.0) -> dict:
     metrics = {"color": overall, "shape": overall, "count": overall, "relation": overall, "relation_choice": overall,
-               "text": overall,
-               "overall": overall, "blind_overall": 0.2, "caption_loss": caption, "caption_bleu4": 1.0,
-               "perplexity_stage2": ppl, "perplexity_sft": ppl_sft, "stage2_s": 1.0, "sft_s": 1.0, "eval_s": 1.0}
+               "text": overall, "overall": overall, "blind_overall": 0.2, "caption_loss": caption,
+               "caption_bleu4": 1.0, "perplexity_stage2": ppl, "perplexity_sft": ppl_sft, "stage2_s": 1.0, "sft_s": 1.0,
+               "eval_s": 1.0}
     return {"variant": variant, "metrics": metrics}
 
 

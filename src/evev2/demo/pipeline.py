@@ -180,7 +180,7 @@ def run_demo(output: Path, plan: DemoPlan, recipes: Path | None = None) -> dict[
     predictions = {**read_predictions(Path(heldout["predictions"]["final"])),
                    **read_predictions(Path(heldout["predictions"]["final-captions"]))}
     sheet = contact_sheet(records, predictions, folders["heldout"], output / "contact_sheet.png",
-                          plan.contact_sheet_images)
+                          plan.contact_sheet_images, choices=jsonio.read_json(Path(heldout["choices"]["final"])))
     example = folders["heldout"] / records[0]["image"]
     results = {
         "heldout": heldout,

@@ -54,9 +54,11 @@ def results_table(results: dict[str, Any]) -> str:
 
 
 def contact_sheet(records: list[dict[str, Any]], predictions: dict[str, str], image_root: Path, out: Path,
-                  images: int, columns: int = 4) -> Path:
+                  images: int, columns: int = 4, choices: dict[str, str] | None = None) -> Path:
     """A grid of the first `images` held-out images, each above its questions with the model's answer and the truth
-    (green when right); a captioned image also shows the model's caption against the true one."""
+    (green when right), and under a question that offers choices the one the model found likeliest (`choices`, by
+    question id: what its accuracy counts); a captioned image also shows the model's caption against the true one."""
+    choices = choices or {}
     by_image: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_image.setdefault(record["image"], []).append(record)
@@ -82,6 +84,9 @@ def contact_sheet(records: list[dict[str, Any]], predictions: dict[str, str], im
                 lines += [(f"  {line}", "black") for line in textwrap.wrap(f"truth: {record['answer']}", 52)]
             else:
                 lines.append((f"   model: {answer}   truth: {record['answer']}", (0, 120, 0) if right else (190, 0, 0)))
+                if (pick := choices.get(str(record["question_id"]))) is not None:
+                    lines.append((f"   likeliest of the choices: {pick}",
+                                  (0, 120, 0) if synth_answer_matches(pick, record["answer"]) else (190, 0, 0)))
             for text, colour in lines:
                 draw.text((x0, y), text, fill=colour, font=font)
                 y += LINE_PX

@@ -141,7 +141,7 @@ def iter_scenes(seed: int = 0, level: int = FULL_WORLD_LEVEL, split: Split = "tr
         qa = make_qa(rng, layout, relation_yes)
         # drawn from the scene's own stream, so that it leaves the scenes after it as they are
         choice_rng = random.Random(f"evev2-synth/relation-choice/{split}/level{level}/{index}")
-        if len(layout.objects) >= 2 and (choice := relation_choice_qa(choice_rng, layout.objects)) is not None:
+        if (choice := relation_choice_qa(choice_rng, layout.objects)) is not None:
             qa += (choice,)
         caption = make_caption(layout)
         turns = training_turns(rng, qa, caption, len(layout.objects))
@@ -246,7 +246,7 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     `images/{split}/NNNNNN.png`, `{split}.json` (LLaVA records, image paths relative to `out_dir`),
     `{split}_captions.json` (image-caption pairs for the pretraining stages), `{split}_shapes.json` and
     `{split}_colors.json` (each scene's naming conversation, `naming_turns`: one question per object),
-    `{split}_perception.json` (each one-object scene asked `perception_qa` alone), `{split}_words.json` (each scene's
+    `{split}_relations.json` (each scene's relation choice alone, where it has one), `{split}_perception.json` (each one-object scene asked `perception_qa` alone), `{split}_words.json` (each scene's
     word cut out with its cells, `images/{split}/NNNNNN_word.png`, asked "what word is written ?": the reading
     warm-up),
     `shards/{split}-NNNNNN.tar` (`NNNNNN.png` + `NNNNNN.json` per sample), `{split}_questions.jsonl` (one
@@ -291,7 +291,6 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     naming = {kind: out / f"{split}_{kind}s.json" for kind in ("color", "shape")}
     for kind, path in naming.items():
         _write_conversations(path, records, scenes, lambda scene: naming_turns(scene, kind))
-    # the relation choice alone, one per scene with a pair to ask about
     relations_path = out / f"{split}_relations.json"
     _write_conversations(relations_path, records, scenes, lambda scene: [
         (item.question, item.answer) for item in scene.qa if item.type == "relation_choice"])
