@@ -8,8 +8,8 @@ reading warm-up (measured 2026-12-02), and with it 29.1 minutes on an AMD EPYC V
 32.8 and 31.7 minutes on slower VMs and hours (142-172 s for world, stage 0 and both stage 1s; then per variant, both
 seeds at once on one core each, 142-196 s of stage 2 (190 steps), 13-19 s of caption loss and perplexity, 94-115 s of
 SFT (70 steps) and 52-65 s of evaluation; README). With the samples prepared in the training process and the world
-written in two threads it took 24.0 minutes on that AMD VM (README). `--quick` is the half-minute version the tests
-run.
+written in two threads it took 24.0 minutes on that AMD VM, and with the relation choice in the SFT mix and scored
+by likelihood 25.0 minutes there in a slower hour (README). `--quick` is the half-minute version the tests run.
 """
 
 from __future__ import annotations
