@@ -167,14 +167,11 @@ def test_blind_baseline_sees_a_flat_image_of_the_same_size_and_mean(tmp_path):
     assert seen[0].messages == request.messages and seen[0].images[0].tobytes() == flat.tobytes()
 
 
-def test_choices_are_picked_by_the_highest_log_likelihood(tiny_chat_engine, tmp_path, monkeypatch):
+def test_choices_are_picked_by_the_highest_log_likelihood(tiny_chat_engine, tmp_path):
     """Reference: `continuation_logprob` of each choice alone (itself checked against the model's loss), on random
     images of several sizes, scored in batches that mix them."""
     from PIL import Image
 
-    import evev2.demo.evaluate as evaluate
-
-    monkeypatch.setattr(evaluate, "CHOICE_BATCH_ROWS", 4)  # several batches, split inside a question's choices
     engine, rng = tiny_chat_engine, np.random.default_rng(0)
     question = "which is higher , the red circle or the blue star ?"
     choices = ["the red circle", "the blue star", "the green cross"]
@@ -191,8 +188,10 @@ def test_choices_are_picked_by_the_highest_log_likelihood(tiny_chat_engine, tmp_
     assert len(set(expected.values())) > 1  # the images decide
     records = [{"question_id": f"q{seed}", "image": f"{seed}.png", "question": question, "choices": choices}
                for seed in range(5)] + [{"question_id": "open", "image": "0.png", "question": "what color ?"}]
-    assert choose_answers(engine, records, tmp_path, blind_images=False) == expected
-    assert choose_answers(engine, records, tmp_path, blind_images=True) == expected_blind
+    # batches of 4 rows: several, some split inside a question's choices
+    assert choose_answers(engine, records, tmp_path, blind_images=False, batch_rows=4) == expected
+    assert choose_answers(engine, records, tmp_path, blind_images=True, batch_rows=4) == expected_blind
+    assert choose_answers(engine, records, tmp_path, blind_images=False) == expected  # one batch
 
 
 def test_score_choices_replaces_the_generated_accuracy_and_recomputes_the_overall():

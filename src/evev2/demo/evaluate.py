@@ -69,10 +69,10 @@ def blind(generate: Generate) -> Generate:
     return blind_generate
 
 
-def choose_answers(engine: InferenceEngine, records: list[dict[str, Any]], image_root: Path, blind_images: bool
-                   ) -> dict[str, str]:
+def choose_answers(engine: InferenceEngine, records: list[dict[str, Any]], image_root: Path, blind_images: bool,
+                   batch_rows: int = CHOICE_BATCH_ROWS) -> dict[str, str]:
     """{question_id: the choice with the highest log-likelihood} for the records that offer `choices` (with blank
-    images when `blind_images`), scored `CHOICE_BATCH_ROWS` (question, choice) pairs per forward."""
+    images when `blind_images`), scored `batch_rows` (question, choice) pairs per forward."""
     asked = [record for record in records if record.get("choices")]
     requests = []
     for record in asked:
@@ -81,11 +81,11 @@ def choose_answers(engine: InferenceEngine, records: list[dict[str, Any]], image
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
         # the answer follows "ASSISTANT:" after a space, as in training
         requests += [(messages, [image], f" {choice}") for choice in record["choices"]]
-    scores = [score for start in range(0, len(requests), CHOICE_BATCH_ROWS) for score, _ in
-              continuation_logprobs(engine.model, engine.processor, requests[start:start + CHOICE_BATCH_ROWS])]
+    scores = iter([score for start in range(0, len(requests), batch_rows) for score, _ in
+                   continuation_logprobs(engine.model, engine.processor, requests[start:start + batch_rows])])
     picks = {}
     for record in asked:
-        mine, scores = scores[:len(record["choices"])], scores[len(record["choices"]):]
+        mine = [next(scores) for _ in record["choices"]]
         picks[str(record["question_id"])] = record["choices"][mine.index(max(mine))]
     return picks
 
