@@ -165,16 +165,19 @@ def test_beam_search_is_refused(lmms_eval, adapter):
         adapter.generate_until([request])
 
 
-def test_loglikelihood_requests(lmms_eval, adapter):
+def test_loglikelihood_requests_batched_equal_each_alone_in_original_order(lmms_eval, adapter):
+    """batch_size 2 over five requests of different lengths (sorted by length, so the chunks mix images and none)."""
     docs = adapter.task_dict["gqa"]["test"]
-    conditional = instance(lmms_eval, "loglikelihood", ("Is it red?", " yes", doc_to_visual, 1, "gqa", "test"), 1)
-    by_target = instance(lmms_eval, "loglikelihood", ("Is it red?", lambda doc: " no", doc_to_visual, 1, "gqa",
-                                                      "test"), 1)
-    unconditional = instance(lmms_eval, "loglikelihood", ("", " yes"), 1)
-    results = adapter.loglikelihood([conditional, by_target, unconditional])
+    asked = [("Is it red?", " yes", 1), ("Is it red?", lambda doc: " no", 1), ("", " yes", None),
+             ("Which of these colours is the largest area of the picture?", " blue", 4), ("Red?", " a red one", 2)]
+    requests = [instance(lmms_eval, "loglikelihood", (context, target, doc_to_visual, doc, "gqa", "test")
+                         if doc is not None else (context, target), doc or 0) for context, target, doc in asked]
+    results = adapter.loglikelihood(requests)
     model, processor = adapter.engine.model, adapter.engine.processor
-    assert results[0] == continuation_logprob(model, processor, user("Is it red?", 1), [docs[1]["image"]], " yes")
-    assert results[1] == continuation_logprob(model, processor, user("Is it red?", 1), [docs[1]["image"]], " no")
-    assert results[2] == continuation_logprob(model, processor, user("", 0), [], " yes")
-    assert all(isinstance(logprob, float) and logprob < 0 and isinstance(greedy, bool)
-               for logprob, greedy in results)
+    for (context, target, doc), (logprob, greedy) in zip(asked, results, strict=True):
+        images = [docs[doc]["image"]] if doc is not None else []
+        continuation = target if isinstance(target, str) else target(docs[doc])
+        alone = continuation_logprob(model, processor, user(context, len(images)), images, continuation)
+        assert logprob == pytest.approx(alone[0], rel=1e-9) and greedy == alone[1]
+        assert isinstance(logprob, float) and logprob < 0 and isinstance(greedy, bool)
+    assert len({logprob for logprob, _ in results}) == len(results)  # five different requests, five scores

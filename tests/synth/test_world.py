@@ -253,8 +253,8 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
     write_world(tmp_path / "c", 40, seed=4)
     a, b, c = (_files(tmp_path / name) for name in "abc")
     words = sum(scene.word is not None for scene in generate_world(40, seed=3, render=False))
-    assert a == b and len(a) == 40 + words + 11  # images, cut-out words + json, captions, colours, shapes,
-    # relations, perception, words, questions, text, manifest, shard
+    assert a == b and len(a) == 40 + words + 12  # images, cut-out words + json, captions, colours, shapes,
+    # relations, counts, perception, words, questions, text, manifest, shard
     files = lambda tree: {k for k in tree if not k.endswith(".png")}  # noqa: E731
     assert files(a) == files(c) and all(a[k] != c[k] for k in ("train.json", "train_text.txt", "train_words.json"))
 
@@ -385,15 +385,23 @@ def test_every_question_type_opens_some_training_conversations(train_scenes):
     assert set(firsts) == {"caption", *QA_TYPES} - {"relation_choice"}, firsts  # that one is asked alone
 
 
-def test_relations_file_asks_each_scene_its_relation_choice_alone_and_the_text_never(tmp_path):
+@pytest.mark.parametrize("kind, qa_type", [("relations", "relation_choice"), ("counts", "count")])
+def test_alone_files_ask_each_scene_its_question_alone(tmp_path, kind, qa_type):
     manifest = write_world(tmp_path, 40, seed=3, level=3)
-    relations = json.loads((tmp_path / manifest["relations"]).read_text())
+    written = json.loads((tmp_path / manifest[kind]).read_text())
     scenes = generate_world(40, seed=3, level=3)
-    asked = [(s, q) for s in scenes for q in s.qa if q.type == "relation_choice"]
-    assert 0 < len(asked) < 40 and [r["image"] for r in relations] == [f"images/train/{s.key}.png" for s, _ in asked]
-    for record, (_, item) in zip(relations, asked):
+    asked = [(s, q) for s in scenes for q in s.qa if q.type == qa_type]
+    assert 0 < len(asked) <= 40 and [r["image"] for r in written] == [f"images/train/{s.key}.png" for s, _ in asked]
+    for record, (scene, item) in zip(written, asked):
         assert record["conversations"] == [{"from": "human", "value": f"<image>\n{item.question}"},
                                            {"from": "gpt", "value": item.answer}]
+        if qa_type == "count":
+            assert item.answer == NUMBER_WORDS[len(scene.objects)]
+    assert (len(asked) < 40) == (qa_type == "relation_choice")  # not every scene has a pair to compare; all count
+
+
+def test_the_relation_choice_never_reaches_the_text_or_the_conversations(tmp_path):
+    write_world(tmp_path, 40, seed=3, level=3)
     text = (tmp_path / "train_text.txt").read_text()
     conversations = json.dumps([r["conversations"] for r in json.loads((tmp_path / "train.json").read_text())])
     assert "which is" not in text and "which is" not in conversations

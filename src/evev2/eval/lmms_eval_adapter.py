@@ -2,8 +2,8 @@
 
 Install with `pip install 'evev2[lmms]'`. The model is found through the `lmms_eval.models` entry point group
 (lmms-eval >= 0.7 reads it; see `pyproject.toml`), which points at `lmms_eval_manifest`. Generation goes through
-`InferenceEngine` (the same path as `evev2 eval run`, chat and serve); `loglikelihood` scores a continuation with
-one forward pass (`evev2.eval.likelihood`).
+`InferenceEngine` (the same path as `evev2 eval run`, chat and serve); `loglikelihood` scores `batch_size`
+continuations per forward pass (`evev2.eval.likelihood`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from evev2.data.templates import IMAGE_MARKER
-from evev2.eval.likelihood import continuation_logprob
+from evev2.eval.likelihood import continuation_logprobs
 from evev2.infer.engine import GenerationRequest, InferenceEngine
 
 try:
@@ -121,17 +121,30 @@ class EVEv2(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """(log p(continuation | context, images), is greedy) per request, one forward pass each. Requests are
+        """(log p(continuation | context, images), is greedy) per request, `batch_size` requests per left-padded
+        forward (longest texts together, so rows pad little), answered in the original order. Requests are
         (context, continuation or doc_to_target, doc_to_visual, doc_id, task, split), or (context, continuation)
         for the unconditional terms of mutual-information scoring."""
-        results = []
-        for request in tqdm(requests, desc="evev2 loglikelihood", disable=self.rank != 0):
+        texts = []
+        for request in requests:
             context, target, *where = request.args
             doc_to_visual, doc_id, task, split = where if where else (None, None, None, None)
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
-            images = self._images(doc_to_visual, doc_id, task, split)
-            results.append(continuation_logprob(self.engine.model, self.engine.processor,
-                                                user_turn(context, len(images)), images, continuation))
+            texts.append((context, continuation, doc_to_visual, doc_id, task, split))
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i][0]) - len(texts[i][1]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(texts)
+        with tqdm(total=len(texts), desc="evev2 loglikelihood", disable=self.rank != 0) as progress:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                batch = []
+                for index in chunk:  # images are read chunk by chunk, never all held at once
+                    context, continuation, doc_to_visual, doc_id, task, split = texts[index]
+                    images = self._images(doc_to_visual, doc_id, task, split)
+                    batch.append((user_turn(context, len(images)), images, continuation))
+                for index, scored in zip(chunk, continuation_logprobs(self.engine.model, self.engine.processor,
+                                                                      batch), strict=True):
+                    results[index] = scored
+                progress.update(len(chunk))
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
