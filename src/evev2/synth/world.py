@@ -248,9 +248,8 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     `{split}_colors.json` (each scene's naming conversation, `naming_turns`: one question per object),
     `{split}_relations.json` (each scene's relation choice alone, where it has one), `{split}_counts.json` (each
     scene's count question alone), `{split}_perception.json` (each one-object scene asked `perception_qa` alone),
-    `{split}_words.json` (each scene's
-    word cut out with its cells, `images/{split}/NNNNNN_word.png`, asked "what word is written ?": the reading
-    warm-up),
+    `{split}_words.json` (each scene's word cut out with its cells, `images/{split}/NNNNNN_word.png`, asked "what word
+    is written ?": the reading warm-up),
     `shards/{split}-NNNNNN.tar` (`NNNNNN.png` + `NNNNNN.json` per sample), `{split}_questions.jsonl` (one
     record per question, for evaluation), `{split}_text.txt`, `{split}_manifest.json`.
     Stale files of an earlier run of the same split are removed first.
