@@ -232,6 +232,11 @@ def _write_conversations(path: Path, records: list[dict[str, Any]], scenes: list
                                      for r, scene in zip(records, scenes) if (turns := turns_of(scene))])
 
 
+def _asked_alone(qa_type: str) -> Callable[[Scene], list[tuple[str, str]]]:
+    """A scene's questions of one QA type as (question, answer) turns, for `_write_conversations`."""
+    return lambda scene: [(item.question, item.answer) for item in scene.qa if item.type == qa_type]
+
+
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -293,13 +298,11 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, split: Split = "trai
     for kind, path in naming.items():
         _write_conversations(path, records, scenes, lambda scene: naming_turns(scene, kind))
     relations_path = out / f"{split}_relations.json"
-    _write_conversations(relations_path, records, scenes, lambda scene: [
-        (item.question, item.answer) for item in scene.qa if item.type == "relation_choice"])
+    _write_conversations(relations_path, records, scenes, _asked_alone("relation_choice"))
     # told apart from five, four objects stay fragile while the count is one turn among several (measured: the demo's
     # count 0.86-0.91 over three sample orders of stage 3; 0.940-0.944 with each scene's count question alone; README)
     counts_path = out / f"{split}_counts.json"
-    _write_conversations(counts_path, records, scenes, lambda scene: [
-        (item.question, item.answer) for item in scene.qa if item.type == "count"])
+    _write_conversations(counts_path, records, scenes, _asked_alone("count"))
     perception_path = out / f"{split}_perception.json"
     _write_conversations(perception_path, records, scenes,
                          lambda scene: [(item.question, item.answer) for item in _perception(scene)])
