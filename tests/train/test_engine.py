@@ -269,8 +269,10 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_vlm_dir, tiny_world
 
 @pytest.mark.slow  # inductor compilation
 def test_compiled_layers_give_the_same_losses(tiny_vlm_dir, tiny_world_dir, tmp_path):
-    """`train.compile` (every decoder layer under torch.compile, inductor) trains like eager, batch shapes varying."""
-    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', steps=2)
+    """`train.compile` (every decoder layer under torch.compile, inductor) trains like eager, batch shapes varying:
+    packed rows of QA conversations, so the sample-by-sample attention (SDPA, the CPU default) meets new packings."""
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed", "vision"]', template="eve",
+                          steps=3)
     Trainer(load_recipe(recipe), tmp_path / "plain", show_progress=False).train()
     trainer = Trainer(load_recipe(recipe, ["train.compile=true"]), tmp_path / "compiled", show_progress=False)
     assert all(layer._compiled_call_impl is not None for layer in trainer.model.model.layers)

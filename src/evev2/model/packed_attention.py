@@ -67,9 +67,13 @@ class PackedSamples:
         return cls(RowMove(index, inverse, index_reads_zero=index.numel() > tokens, inverse_reads_zero=tokens < n),
                    shapes, masks)
 
+    @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                dropout: float = 0.0) -> torch.Tensor:
-        """Attention of each sample over itself. q (B, H, L, Hd), k/v (B, Hkv, L, Hd) -> (B, L, H*Hd)."""
+        """Attention of each sample over itself. q (B, H, L, Hd), k/v (B, Hkv, L, Hd) -> (B, L, H*Hd).
+
+        Eager inside compiled layers (a graph break): its loop over batches has data-dependent sizes, and tracing it
+        failed at the first new packing (`train.compile` with packed SDPA rows)."""
         B, H, L, hd = q.shape
         sizes = [s * m for s, m in self.batches]
         slotted = [self.slots(t.transpose(1, 2).reshape(B * L, -1)).split(sizes)
