@@ -236,6 +236,13 @@ def test_malformed_recipe_names_the_field(tmp_path, tiny_world_dir, edit, messag
         load_recipe(recipe)
 
 
+def test_flex_attention_training_on_cpu_is_refused_in_one_line(tiny_vlm_dir, tiny_world_dir, tmp_path):
+    """torch has no FlexAttention backward on CPU: the recipe is refused before any weight is loaded."""
+    recipe = write_recipe(tmp_path / "r.toml", tiny_vlm_dir, tiny_world_dir, '["patch_embed"]')
+    with pytest.raises(RecipeError, match="flex_attention.*only on CUDA"):
+        Trainer(load_recipe(recipe, ["model.attn_implementation=flex_attention"]), tmp_path / "run")
+
+
 def test_overrides_and_shipped_recipes_parse():
     paths = sorted(Path("recipes").rglob("*.toml"))
     assert len(paths) >= 5

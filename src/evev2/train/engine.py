@@ -38,7 +38,7 @@ from evev2.distributed import distributed_session, init_distributed
 from evev2.train.checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from evev2.train.lora import export_lora
 from evev2.train.parallel import build_training_model
-from evev2.train.recipe import Recipe, load_recipe
+from evev2.train.recipe import Recipe, RecipeError, load_recipe
 from evev2.train.record import check_resume, write_run_record
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,9 @@ class Trainer:
         attention = recipe.model.attn_implementation
         if attention == "auto":  # packed rows need a block-causal mask; SDPA with a boolean mask is slow on GPU
             attention = "flex_attention" if cuda else "sdpa"
+        if attention == "flex_attention" and not cuda:
+            raise RecipeError('model.attn_implementation = "flex_attention" trains only on CUDA (torch has no '
+                              'FlexAttention backward on CPU); use "sdpa" or "auto"')
         compile = cuda if train.compile == "auto" else train.compile
         overrides = {"image_attention": recipe.model.image_attention} if recipe.model.image_attention else {}
         self.model, self.trainable = build_training_model(recipe.model.source, self.device, attention, train.trainable,
