@@ -1,12 +1,8 @@
 """How big each part of the demo is: world sizes, the stand-in LLM, steps per stage, and the time budget.
 
-The full plan is sized for a 15-minute budget on a 2-core laptop CPU (measured 2026-12-02: 12.1 minutes on an AMD EPYC
-VM with the samples prepared in the training process, 13.7 before; on another VM, before, its steps and tokens in 14.8
-minutes in one hour and 19.3 in the next, the machine's speed varying by 1.3-1.5x; with stage 3 at 420 steps and the
-relation choice, 12.6 minutes on that AMD VM, 17.4 in a slow hour; with the count question alone in stage 3, 14.6 there,
-15.6-16.1 in slower hours; README);
-`--minutes` scales every step count (and the training world with it) linearly against that budget, and `--quick` is
-the few-minute smoke version the tests run.
+The full plan is sized for a 15-minute budget on a 2-core laptop CPU (README, "Time": 14.6-16.3 minutes on an AMD
+EPYC VM, the hour deciding); `--minutes` scales every step count (and the training world with it) linearly against
+that budget, and `--quick` is the few-minute smoke version the tests run.
 """
 
 from __future__ import annotations
